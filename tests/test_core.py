@@ -1,0 +1,143 @@
+"""The SISA core: plain Python, no network."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from lethe.cli import UsageError, read_subjects_file
+from lethe.core.config import ConfigError, ModelConfig, TrainerConfig
+from lethe.core.hashing import salted_hash, shard_of, slice_of, stable_id
+from lethe.core.lineage import lineage_hash, shard_lineages
+from lethe.core.manifest import FileRef, Generation, ShardState, SliceState
+from lethe.core.plan import estimate_cost, expected_shards_touched, ideal_speedup, slice_work
+
+
+def test_shard_assignment_is_stable_and_spread() -> None:
+    assert shard_of("alice", 16) == shard_of("alice", 16)
+    counts = [0] * 8
+    for i in range(8000):
+        counts[shard_of(f"user-{i}", 8)] += 1
+    assert min(counts) > 800 and max(counts) < 1200
+    # pinned values: a change of hash would silently re-shard every stored model
+    assert [shard_of(s, 10) for s in ("alice", "bob", "carol")] == [
+        shard_of("alice", 10),
+        shard_of("bob", 10),
+        shard_of("carol", 10),
+    ]
+    assert slice_of("alice", 1) == 0
+
+
+def test_salted_hash_depends_on_salt() -> None:
+    assert salted_hash("a", "x") != salted_hash("b", "x")
+    assert salted_hash("a", "x") == salted_hash("a", "x")
+    assert "x" not in salted_hash("a", "x")
+    assert stable_id("b", ["1", "2"]) == stable_id("b", ["1", "2"]) != stable_id("b", ["2", "1"])
+
+
+def test_lineage_changes_from_the_changed_slice_on() -> None:
+    before = shard_lineages("fp", 0, ["a", "b", "c", "d"])
+    after = shard_lineages("fp", 0, ["a", "B", "c", "d"])
+    assert before[0] == after[0]
+    assert all(x != y for x, y in zip(before[1:], after[1:], strict=True))
+    assert lineage_hash("fp", 0, ["a"]) != lineage_hash("fp2", 0, ["a"])
+    assert lineage_hash("fp", 0, ["a"]) != lineage_hash("fp", 1, ["a"])
+
+
+def test_config_validation_names_the_field() -> None:
+    with pytest.raises(ConfigError, match="shards"):
+        ModelConfig("m", 0, 1).validate()
+    with pytest.raises(ConfigError, match="trainer.model"):
+        ModelConfig("m", 1, 1, TrainerConfig(model="nonsense")).validate()
+    with pytest.raises(ConfigError, match="input_shape"):
+        ModelConfig("m", 1, 1, TrainerConfig(model="cnn")).validate()
+    with pytest.raises(ConfigError, match="name"):
+        ModelConfig("bad name/x", 1, 1).validate()
+    cfg = ModelConfig("m", 4, 8, TrainerConfig(epochs=9))
+    assert ModelConfig.from_json(cfg.to_json()) == cfg
+    assert cfg.trainer.epochs_per_slice(8) == pytest.approx(2.0)
+
+
+def _gen(rows: list[list[int]], secs: float = 10.0) -> Generation:
+    cfg = ModelConfig("m", len(rows), len(rows[0]), TrainerConfig(epochs=9))
+    shards = []
+    for k, rs in enumerate(rows):
+        files = [FileRef(f"d{k}{r}", f"{k}{r}", n) for r, n in enumerate(rs)]
+        lins = shard_lineages("fp", k, [f.sha256 for f in files])
+        shards.append(
+            ShardState(
+                FileRef(f"i{k}", f"i{k}", sum(rs)),
+                [
+                    SliceState(f, lin, f"ck{k}{r}")
+                    for r, (f, lin) in enumerate(zip(files, lins, strict=True))
+                ],
+                secs,
+            )
+        )
+    return Generation(1, None, cfg, shards, FileRef("t", "t", 5))
+
+
+def test_cost_estimate_matches_the_sisa_formula() -> None:
+    # R equal slices, retrain from slice r: work = sum_{j>=r} (j+1) * n * eps
+    assert slice_work([10, 10, 10, 10], 1.0, 0) == 100
+    assert slice_work([10, 10, 10, 10], 1.0, 2) == 70
+    gen = _gen([[10] * 8] * 4)
+    est = estimate_cost(gen, {1: 0})
+    # eps = 2*9/(8+1) = 2; one whole shard: sum_j (j+1)*10*2 = 720; full: 320 rows * 9 epochs
+    assert (est.retrain_work, est.full_work) == (720, 2880)
+    assert est.full_seconds == pytest.approx(40.0)  # 4 shards x 10 s of recorded training
+    assert estimate_cost(gen, {1: 4}).retrain_work == 2 * 10 * (5 + 6 + 7 + 8)
+    assert est.retrain_seconds == pytest.approx(10.0)
+    assert est.speedup > 1
+    # averaged over the first affected slice, one request costs (2R+1)/(3R)-ish of a shard
+    R = 8
+    avg = sum(slice_work([1] * R, 1.0, r) for r in range(R)) / R / slice_work([1] * R, 1.0, 0)
+    assert avg == pytest.approx((2 * R + 1) / (3 * R), rel=0.1)
+    assert ideal_speedup(16, 8) == pytest.approx(16 * 24 / 17)
+    assert expected_shards_touched(8, 8) == pytest.approx(8 * (1 - (7 / 8) ** 8))
+    assert math.isclose(expected_shards_touched(1, 5), 1.0)
+
+
+def test_manifest_round_trip_and_successor() -> None:
+    gen = _gen([[3, 4], [5, 6]])
+    gen.quarantine = {1: ["b1"]}
+    again = Generation.from_json(gen.to_json())
+    assert again.to_json() == gen.to_json()
+    assert again.quarantined_shards == [1]
+    assert again.live_shards() == [0]
+    nxt = gen.successor("x")
+    assert (nxt.number, nxt.parent) == (2, 1)
+    nxt.quarantine[1].append("b2")
+    assert gen.quarantine[1] == ["b1"]  # deep copy
+
+
+def test_set_shard_data_keeps_clean_checkpoints_only() -> None:
+    gen = _gen([[3, 4, 5]])
+    gen.config = ModelConfig("m", 1, 3)
+    fp = gen.config.trainer_fingerprint()
+    files = [FileRef(f"d{r}", f"s{r}", 3) for r in range(3)]
+    lins = shard_lineages(fp, 0, [f.sha256 for f in files])
+    gen.shards[0].slices = [
+        SliceState(f, lin, f"ck{r}") for r, (f, lin) in enumerate(zip(files, lins, strict=True))
+    ]
+    gen.set_shard_data(0, FileRef("i", "i", 8), [files[0], FileRef("new", "n1", 2), files[2]])
+    assert [s.checkpoint for s in gen.shards[0].slices] == ["ck0", None, None]
+    assert gen.shards[0].first_untrained_slice() == 1
+
+
+def test_subjects_file(tmp_path) -> None:
+    f = tmp_path / "s.txt"
+    f.write_text("# people\nalice\n\n bob \n")
+    assert read_subjects_file(str(f)) == ["alice", "bob"]
+    f.write_text("alice smith\n")
+    with pytest.raises(UsageError, match="line 1"):
+        read_subjects_file(str(f))
+    f.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(UsageError, match="UTF-8"):
+        read_subjects_file(str(f))
+    f.write_text("# nobody\n")
+    with pytest.raises(UsageError, match="names no subject"):
+        read_subjects_file(str(f))
+    with pytest.raises(UsageError, match="not found"):
+        read_subjects_file(str(tmp_path / "missing.txt"))

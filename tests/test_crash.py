@@ -1,0 +1,70 @@
+"""Crash and repeat: kill the erasing process after each step, run it again, and get
+exactly what an uninterrupted run gets (same data, same lineages, same accuracy),
+without training anything twice."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lethe.core.plan import ErasureRequest
+from lethe.erasure import CRASH_ENV, STEPS, Engine, request_uid
+from lethe.generations import read_live
+from lethe.layout import ModelLayout
+from lethe.predict import test_accuracy
+from lethe.store import Store
+from lethe.training import RayTrainer, train_model
+from lethe.verify import verify
+
+from .conftest import ingest_small, lethe_cli, small_table, training_subjects, unique_model
+
+
+def fingerprint(store: Store, layout: ModelLayout) -> dict:
+    g = read_live(store, layout).generation
+    return {
+        "data": [
+            [(s.data.sha256, s.lineage, s.checkpoint is not None) for s in sh.slices]
+            for sh in g.shards
+        ],
+        "index": [sh.index.sha256 for sh in g.shards],
+        "test": g.test.sha256,
+        "quarantine": g.quarantine,
+        "accuracy": g.accuracy,
+    }
+
+
+@pytest.fixture(scope="module")
+def twins(store: Store, trainer: RayTrainer):
+    """Two identical trained models: A is erased without interruption, B with crashes."""
+    table = small_table(subjects=80, seed=4)
+    a, cfg_a, _ = ingest_small(store, unique_model("twin-a"), table, shards=3, slices=3)
+    b, cfg_b, _ = ingest_small(store, unique_model("twin-b"), table, shards=3, slices=3)
+    train_model(store, a, trainer)
+    train_model(store, b, trainer)
+    assert fingerprint(store, a) == fingerprint(store, b)
+    return (a, cfg_a), (b, cfg_b), training_subjects(table, cfg_a)
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_crash_after_step_then_repeat(store: Store, trainer: RayTrainer, twins, step: str) -> None:
+    (a, cfg_a), (b, cfg_b), subjects = twins
+    subject = subjects[STEPS.index(step) * 7 % len(subjects)]
+    Engine(store, a, trainer, evaluate=lambda g: test_accuracy(store, g)).erase(
+        [ErasureRequest(request_uid(cfg_a.name, [subject], []), (subject,))]
+    )
+
+    crashed = lethe_cli("erase", "--model", cfg_b.name, "--subject", subject, env={CRASH_ENV: step})
+    assert crashed.returncode == 75, crashed.stderr
+    again = lethe_cli("erase", "--model", cfg_b.name, "--subject", subject, "--json")
+    assert again.returncode == 0, again.stderr
+    trained_before_crash = "retraining" in crashed.stderr
+    trained_after_crash = "retraining" in again.stderr
+    # each slice is trained exactly once across the two processes
+    assert trained_before_crash != trained_after_crash
+    assert trained_before_crash == (STEPS.index(step) >= STEPS.index("retrain"))
+    assert fingerprint(store, a) == fingerprint(store, b)
+    result = json.loads(again.stdout.splitlines()[-1])
+    cert = store.get_json(next(iter(result["certificates"].values())))
+    verdict = verify(store, cert)
+    assert verdict.ok, verdict.failures

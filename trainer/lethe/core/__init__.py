@@ -1,0 +1,1 @@
+"""The SISA core: plain Python, no Kubernetes, no network, no torch."""

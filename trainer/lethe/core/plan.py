@@ -1,0 +1,189 @@
+"""Erasure plans: which shards and slices an erasure touches, and what it will cost.
+
+A plan never holds a subject id or a record id: only salted hashes. The patch
+step finds rows to drop by hashing each row's record id with the plan's salt.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from lethe.core.manifest import Generation
+
+
+@dataclass(frozen=True)
+class ErasureRequest:
+    """One person's (or one list's) request. ``uid`` names its certificate."""
+
+    uid: str
+    subjects: tuple[str, ...] = ()
+    records: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.uid:
+            raise ValueError("request uid: must not be empty")
+        if not self.subjects and not self.records:
+            raise ValueError(f"request {self.uid}: names no subject and no record")
+
+
+@dataclass
+class RequestPlan:
+    uid: str
+    subject_hashes: list[str]
+    record_hashes: list[str]  # the records this request resolved to
+    shards: list[int]
+
+    @property
+    def nothing_to_erase(self) -> bool:
+        return not self.record_hashes
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "uid": self.uid,
+            "subject_hashes": self.subject_hashes,
+            "record_hashes": self.record_hashes,
+            "shards": self.shards,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> RequestPlan:
+        return cls(d["uid"], d["subject_hashes"], d["record_hashes"], d["shards"])
+
+
+@dataclass
+class ShardPlan:
+    shard: int
+    first_slice: int
+    records: int  # training records erased from this shard
+
+    def to_json(self) -> dict[str, Any]:
+        return {"shard": self.shard, "first_slice": self.first_slice, "records": self.records}
+
+
+@dataclass
+class CostEstimate:
+    """Work in 'record-epochs' (rows seen by the optimiser), and the seconds and USD
+    that the recorded training times of the model imply."""
+
+    retrain_work: float
+    full_work: float
+    retrain_seconds: float
+    full_seconds: float
+
+    @property
+    def speedup(self) -> float:
+        return self.full_work / self.retrain_work if self.retrain_work else float("inf")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "retrain_work": self.retrain_work,
+            "full_work": self.full_work,
+            "retrain_seconds": self.retrain_seconds,
+            "full_seconds": self.full_seconds,
+            "speedup": self.speedup if self.retrain_work else None,
+        }
+
+
+@dataclass
+class ErasurePlan:
+    batch_id: str
+    model: str
+    salt: str
+    base_generation: int
+    requested_at: float
+    requests: list[RequestPlan]
+    shards: list[ShardPlan]
+    test_records: int
+    estimate: CostEstimate
+    record_hashes: list[str] = field(default_factory=list)  # union over requests
+
+    @property
+    def affected_shards(self) -> list[int]:
+        return [s.shard for s in self.shards]
+
+    @property
+    def records_erased(self) -> int:
+        return sum(s.records for s in self.shards) + self.test_records
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "batch_id": self.batch_id,
+            "model": self.model,
+            "salt": self.salt,
+            "base_generation": self.base_generation,
+            "requested_at": self.requested_at,
+            "requests": [r.to_json() for r in self.requests],
+            "shards": [s.to_json() for s in self.shards],
+            "test_records": self.test_records,
+            "estimate": self.estimate.to_json(),
+            "record_hashes": self.record_hashes,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ErasurePlan:
+        e = d["estimate"]
+        return cls(
+            batch_id=d["batch_id"],
+            model=d["model"],
+            salt=d["salt"],
+            base_generation=int(d["base_generation"]),
+            requested_at=float(d["requested_at"]),
+            requests=[RequestPlan.from_json(r) for r in d["requests"]],
+            shards=[ShardPlan(**s) for s in d["shards"]],
+            test_records=int(d["test_records"]),
+            estimate=CostEstimate(
+                e["retrain_work"], e["full_work"], e["retrain_seconds"], e["full_seconds"]
+            ),
+            record_hashes=list(d.get("record_hashes", [])),
+        )
+
+
+def slice_work(rows_per_slice: list[int], epochs_per_slice: float, start: int) -> float:
+    """Rows the optimiser sees when training slices start..R-1 (slice r sees 0..r)."""
+    cumulative = 0
+    work = 0.0
+    for r, n in enumerate(rows_per_slice):
+        cumulative += n
+        if r >= start:
+            work += cumulative * epochs_per_slice
+    return work
+
+
+def estimate_cost(gen: Generation, first_slices: dict[int, int]) -> CostEstimate:
+    """Retrain cost of the affected shards against a full retrain of one monolithic
+    model on all data (e epochs), in work units and in seconds."""
+    cfg = gen.config
+    eps = cfg.trainer.epochs_per_slice(cfg.slices)
+    full_rows = sum(s.rows for s in gen.shards)
+    full_work = full_rows * cfg.trainer.epochs
+    retrain_work = 0.0
+    retrain_seconds = 0.0
+    total_sisa_work = 0.0
+    total_sisa_seconds = 0.0
+    for k, shard in enumerate(gen.shards):
+        rows = [s.data.rows for s in shard.slices]
+        whole = slice_work(rows, eps, 0)
+        total_sisa_work += whole
+        total_sisa_seconds += shard.train_seconds
+        if k in first_slices:
+            part = slice_work(rows, eps, first_slices[k])
+            retrain_work += part
+            retrain_seconds += shard.train_seconds * (part / whole if whole else 0.0)
+    rate = total_sisa_seconds / total_sisa_work if total_sisa_work else 0.0
+    return CostEstimate(retrain_work, full_work, retrain_seconds, full_work * rate)
+
+
+def expected_shards_touched(shards: int, requests: int) -> float:
+    """SISA paper: K requests touch S*(1-(1-1/S)^K) shards on average."""
+    return shards * (1.0 - (1.0 - 1.0 / shards) ** requests)
+
+
+def ideal_speedup(shards: int, slices: int) -> float:
+    """SISA paper: one request costs (2R+1)/(3R) of one shard's training."""
+    return shards * 3.0 * slices / (2.0 * slices + 1.0)
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,101 @@
+"""Parquet encoding of data, index and test files, and content-addressed writes.
+
+Data and test files: record_id, subject_id, label (class id), features (float32 list).
+Index files: record_id, subject_id, slice. Encoding is deterministic, so the same
+rows always give the same bytes and therefore the same key.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from lethe.core.hashing import salted_hash, sha256_hex
+from lethe.core.manifest import FileRef
+from lethe.store import Store
+
+ID_COLUMNS = ["record_id", "subject_id"]
+
+
+def data_table(
+    record_ids: list[str], subject_ids: list[str], labels: np.ndarray, features: np.ndarray
+) -> pa.Table:
+    n, d = features.shape if features.ndim == 2 else (0, 0)
+    flat = pa.array(np.ascontiguousarray(features, dtype=np.float32).reshape(-1))
+    return pa.table(
+        {
+            "record_id": pa.array(record_ids, pa.string()),
+            "subject_id": pa.array(subject_ids, pa.string()),
+            "label": pa.array(np.asarray(labels, dtype=np.int32)),
+            "features": pa.FixedSizeListArray.from_arrays(flat, d)
+            if n
+            else pa.array([], pa.list_(pa.float32(), max(d, 1))),
+        }
+    )
+
+
+def index_table(record_ids: list[str], subject_ids: list[str], slices: list[int]) -> pa.Table:
+    return pa.table(
+        {
+            "record_id": pa.array(record_ids, pa.string()),
+            "subject_id": pa.array(subject_ids, pa.string()),
+            "slice": pa.array(slices, pa.int32()),
+        }
+    )
+
+
+def encode(table: pa.Table) -> bytes:
+    table = table.sort_by("record_id") if table.num_rows else table
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd", write_statistics=False)
+    return buf.getvalue()
+
+
+def decode(body: bytes, columns: list[str] | None = None) -> pa.Table:
+    return pq.read_table(io.BytesIO(body), columns=columns)
+
+
+def write_content_addressed(
+    store: Store, table: pa.Table, key_for: Callable[[str], str]
+) -> FileRef:
+    body = encode(table)
+    sha = sha256_hex(body)
+    key = key_for(sha)
+    if not store.exists(key):
+        store.put(key, body)
+    return FileRef(key, sha, table.num_rows)
+
+
+def read_table(store: Store, ref: FileRef, columns: list[str] | None = None) -> pa.Table:
+    return decode(store.get(ref.key), columns)
+
+
+def features_and_labels(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    if table.num_rows == 0:
+        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
+    col = table.column("features").combine_chunks()
+    d = col.type.list_size
+    x = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, d).astype(np.float32)
+    y = table.column("label").to_numpy().astype(np.int64)
+    return x, y
+
+
+def hashed_mask(column: pa.ChunkedArray | pa.Array, salt: str, hashes: set[str]) -> np.ndarray:
+    """True where salted_hash(salt, value) is in hashes."""
+    values = column.to_pylist()
+    return np.fromiter((salted_hash(salt, v) in hashes for v in values), bool, len(values))
+
+
+def drop_rows(table: pa.Table, mask: np.ndarray) -> pa.Table:
+    return table.filter(pa.array(~mask))
+
+
+def isin(column: pa.ChunkedArray, values: Iterable[str]) -> np.ndarray:
+    return pc.is_in(column, value_set=pa.array(list(values), pa.string())).to_numpy(
+        zero_copy_only=False
+    )

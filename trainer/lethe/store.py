@@ -1,0 +1,181 @@
+"""S3 access: plain gets and puts, conditional puts, and deletes of every version.
+
+Conditional puts (If-None-Match: * to create, If-Match: ETag to replace) are how
+concurrent writers are serialised; no local lock is ever taken.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+import botocore.exceptions
+from botocore.config import Config
+
+
+class PreconditionFailed(Exception):
+    """A conditional put lost: someone else wrote first."""
+
+
+class NotFound(KeyError):
+    pass
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    endpoint: str | None
+    bucket: str
+    access_key: str | None = None
+    secret_key: str | None = None
+    region: str = "us-east-1"
+
+    @classmethod
+    def from_env(cls, bucket: str | None = None, endpoint: str | None = None) -> S3Settings:
+        return cls(
+            endpoint=endpoint or os.environ.get("LETHE_S3_ENDPOINT") or None,
+            bucket=bucket or os.environ.get("LETHE_BUCKET", "lethe"),
+            access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
+            secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+            region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+        )
+
+    def env(self) -> dict[str, str]:
+        """The environment that makes ``from_env`` give these settings back (Ray workers)."""
+        out = {"LETHE_BUCKET": self.bucket, "AWS_DEFAULT_REGION": self.region}
+        if self.endpoint:
+            out["LETHE_S3_ENDPOINT"] = self.endpoint
+        if self.access_key:
+            out["AWS_ACCESS_KEY_ID"] = self.access_key
+        if self.secret_key:
+            out["AWS_SECRET_ACCESS_KEY"] = self.secret_key
+        return out
+
+
+def _code(e: botocore.exceptions.ClientError) -> str:
+    return str(e.response.get("Error", {}).get("Code", ""))
+
+
+class Store:
+    def __init__(self, settings: S3Settings) -> None:
+        self.settings = settings
+        self.bucket = settings.bucket
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=settings.endpoint,
+            aws_access_key_id=settings.access_key,
+            aws_secret_access_key=settings.secret_key,
+            region_name=settings.region,
+            config=Config(
+                retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"}
+            ),
+        )
+
+    # -- bucket ------------------------------------------------------------------
+    def ensure_bucket(self, versioning: bool = True) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except botocore.exceptions.ClientError:
+            self.client.create_bucket(Bucket=self.bucket)
+        if versioning:
+            self.client.put_bucket_versioning(
+                Bucket=self.bucket, VersioningConfiguration={"Status": "Enabled"}
+            )
+
+    # -- reads -------------------------------------------------------------------
+    def get(self, key: str) -> bytes:
+        return self.get_with_etag(key)[0]
+
+    def get_with_etag(self, key: str) -> tuple[bytes, str]:
+        try:
+            r = self.client.get_object(Bucket=self.bucket, Key=key)
+        except botocore.exceptions.ClientError as e:
+            if _code(e) in ("NoSuchKey", "404", "NotFound"):
+                raise NotFound(key) from None
+            raise
+        return r["Body"].read(), r["ETag"]
+
+    def get_json(self, key: str) -> Any:
+        return json.loads(self.get(key))
+
+    def get_version(self, key: str, version_id: str) -> bytes:
+        r = self.client.get_object(Bucket=self.bucket, Key=key, VersionId=version_id)
+        return r["Body"].read()
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=key)
+            return True
+        except botocore.exceptions.ClientError as e:
+            if _code(e) in ("NoSuchKey", "404", "NotFound"):
+                return False
+            raise
+
+    def list_keys(self, prefix: str) -> Iterator[str]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=prefix
+        )
+        for page in pages:
+            for obj in page.get("Contents", []):
+                yield obj["Key"]
+
+    def list_versions(self, prefix: str) -> Iterator[tuple[str, str, bool]]:
+        """(key, version id, is a delete marker) for every version under prefix."""
+        pages = self.client.get_paginator("list_object_versions").paginate(
+            Bucket=self.bucket, Prefix=prefix
+        )
+        for page in pages:
+            for v in page.get("Versions", []):
+                yield v["Key"], v["VersionId"], False
+            for m in page.get("DeleteMarkers", []):
+                yield m["Key"], m["VersionId"], True
+
+    # -- writes ------------------------------------------------------------------
+    def put(self, key: str, body: bytes, content_type: str = "application/octet-stream") -> None:
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
+
+    def put_json(self, key: str, obj: Any) -> None:
+        self.put(key, _dumps(obj), "application/json")
+
+    def put_if_absent(self, key: str, body: bytes) -> bool:
+        """Create key unless it exists. True if this call created it."""
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*")
+            return True
+        except botocore.exceptions.ClientError as e:
+            if _code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                return False
+            raise
+
+    def put_json_if_absent(self, key: str, obj: Any) -> bool:
+        return self.put_if_absent(key, _dumps(obj))
+
+    def put_if_match(self, key: str, body: bytes, etag: str) -> str:
+        """Replace key only if it still has ``etag``; returns the new ETag."""
+        try:
+            r = self.client.put_object(Bucket=self.bucket, Key=key, Body=body, IfMatch=etag)
+        except botocore.exceptions.ClientError as e:
+            if _code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                raise PreconditionFailed(key) from None
+            raise
+        return str(r["ETag"])
+
+    def purge(self, key: str) -> int:
+        """Delete every version and delete marker of exactly ``key``; returns how many."""
+        n = 0
+        for k, version, _ in list(self.list_versions(key)):
+            if k != key:
+                continue
+            self.client.delete_object(Bucket=self.bucket, Key=k, VersionId=version)
+            n += 1
+        return n
+
+    def versions_of(self, key: str) -> list[tuple[str, bool]]:
+        return [(v, m) for k, v, m in self.list_versions(key) if k == key]
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, indent=1).encode()

@@ -1,0 +1,305 @@
+"""SISA training on Ray Train: one TorchTrainer run per shard, shards concurrently.
+
+A run trains slices first..R-1 of one shard, starting from the checkpoint after
+slice first-1 (or from scratch), and stores a checkpoint after every slice under
+its lineage hash, with a small JSON record of the data it was trained on beside
+it. Workers read and write S3 themselves; Ray only carries metrics back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from lethe import dataio
+from lethe.core.config import ModelConfig
+from lethe.core.cost import ShardRun
+from lethe.core.manifest import Generation
+from lethe.layout import ModelLayout
+from lethe.store import S3Settings, Store
+
+# Fault injection for the failure-path tests: workers of a driver started with this set
+# to "1" fail at once, as a real Ray Train run does when its worker raises.
+FAULT_ENV = "LETHE_INJECT_TRAIN_FAILURE"
+
+
+class RetrainFailed(RuntimeError):
+    """A Ray Train run failed; the message carries Ray's."""
+
+
+@dataclass
+class ShardTask:
+    shard: int
+    first_slice: int
+    data: list[dict[str, Any]]  # FileRef json of every slice of the shard
+    lineages: list[str]
+    checkpoints: list[str]  # key per slice (derived from the lineage)
+    run_id: str
+
+
+def _peak_rss() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def train_shard_loop(config: dict[str, Any]) -> None:
+    """The Ray Train worker function (runs in a Ray actor)."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    from torch import nn
+
+    from lethe.models import build_model, load_checkpoint, save_checkpoint
+
+    if os.environ.get(FAULT_ENV) == "1":
+        raise RuntimeError(f"injected training failure ({FAULT_ENV}=1)")
+    cfg = ModelConfig.from_json(config["model"])
+    task = ShardTask(**config["task"])
+    tc = cfg.trainer
+    torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
+    store = Store(S3Settings.from_env())
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if tc.use_gpu else torch.device("cpu")
+
+    model = build_model(tc, cfg.num_features, len(cfg.classes))
+    optimizer = torch.optim.Adam(model.parameters(), lr=tc.learning_rate)
+    if task.first_slice > 0:
+        state = load_checkpoint(store.get(task.checkpoints[task.first_slice - 1]))
+        model.load_state_dict(state["model"])
+        if state.get("optimizer"):
+            optimizer.load_state_dict(state["optimizer"])
+    model.to(device)
+    if world > 1:
+        model = ray.train.torch.prepare_model(model, move_to_device=False)
+    loss_fn = nn.CrossEntropyLoss()
+    eps = tc.epochs_per_slice(cfg.slices)
+
+    xs: list[np.ndarray] = []
+    ys: list[np.ndarray] = []
+    train_seconds = 0.0
+    for r in range(cfg.slices):
+        x, y = dataio.features_and_labels(
+            dataio.decode(store.get(task.data[r]["key"]), ["label", "features"])
+        )
+        xs.append(x.reshape(-1, cfg.num_features))
+        ys.append(y)
+        if r < task.first_slice:
+            continue
+        t0 = time.perf_counter()
+        X = torch.from_numpy(np.concatenate(xs)).to(device)
+        Y = torch.from_numpy(np.concatenate(ys)).to(device)
+        n = len(Y)
+        # Seeds depend on (seed, shard, slice) only: retraining a slice on the same data
+        # from the same checkpoint gives the same model.
+        seed = tc.seed * 1_000_003 + task.shard * 1009 + r
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        model.train()
+        if n:
+            steps = max(1, math.ceil(eps * n / tc.batch_size))
+            order = np.concatenate(
+                [rng.permutation(n) for _ in range(math.ceil(steps * tc.batch_size / n) + 1)]
+            )
+            for step in range(steps):
+                idx = order[step * tc.batch_size : (step + 1) * tc.batch_size]
+                idx = idx[rank::world]
+                if len(idx) == 0:
+                    continue
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(model(X[idx]), Y[idx])
+                loss.backward()
+                optimizer.step()
+        train_seconds += time.perf_counter() - t0
+        if rank == 0:
+            inner = model.module if hasattr(model, "module") else model
+            meta = {"shard": task.shard, "slice": r, "lineage": task.lineages[r]}
+            key = task.checkpoints[r]
+            store.put(key, save_checkpoint(inner, optimizer, meta))
+            store.put_json(
+                ModelLayout.checkpoint_lineage_record(key),
+                {
+                    **meta,
+                    "trainer": cfg.trainer_fingerprint(),
+                    "data": [d["sha256"] for d in task.data[: r + 1]],
+                },
+            )
+        metrics = {"slice": r, "train_seconds": train_seconds, "peak_rss": _peak_rss()}
+        if rank == 0 and r == cfg.slices - 1:
+            # Ray Train v2 hands back only metrics that come with a checkpoint; this one
+            # is a few bytes in the local run directory (the model went to S3 above).
+            with tempfile.TemporaryDirectory() as tmp:
+                with open(os.path.join(tmp, "metrics.json"), "w") as f:
+                    json.dump(metrics, f)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+
+
+def connect_ray(address: str | None, settings: S3Settings) -> None:
+    """Connect this process to Ray, passing S3 settings to workers via the environment."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Ray Train v2's controller polls its workers every 2 s by default; that idle wait
+    # sits on every erasure's critical path, so poll faster.
+    env = {
+        **settings.env(),
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get(
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"
+        ),
+    }
+    if os.environ.get(FAULT_ENV):
+        env[FAULT_ENV] = os.environ[FAULT_ENV]
+    ray.init(
+        address=address or os.environ.get("RAY_ADDRESS") or "auto",
+        runtime_env={"env_vars": env},
+        log_to_driver=False,
+        logging_level="ERROR",
+        configure_logging=True,
+    )
+
+
+def shard_tasks(
+    layout: ModelLayout, gen: Generation, first_slices: dict[int, int], run_prefix: str
+) -> list[ShardTask]:
+    tasks = []
+    for k, first in sorted(first_slices.items()):
+        shard = gen.shards[k]
+        tasks.append(
+            ShardTask(
+                shard=k,
+                first_slice=first,
+                data=[s.data.to_json() for s in shard.slices],
+                lineages=[s.lineage for s in shard.slices],
+                checkpoints=[
+                    layout.checkpoint(k, r, s.lineage) for r, s in enumerate(shard.slices)
+                ],
+                run_id=f"{run_prefix}-shard{k}",
+            )
+        )
+    return tasks
+
+
+class RayTrainer:
+    """Runs shard tasks as concurrent Ray Train runs on a connected Ray cluster."""
+
+    def __init__(self, settings: S3Settings, ray_address: str | None = None) -> None:
+        self.settings = settings
+        self.ray_address = ray_address
+        self.storage = os.environ.get("LETHE_RAY_STORAGE") or os.path.join(
+            tempfile.gettempdir(), "lethe-ray-train"
+        )
+
+    def _fit(self, cfg: ModelConfig, task: ShardTask) -> ShardRun:
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        tc = cfg.trainer
+        resources = {"CPU": tc.cpus_per_worker}
+        if tc.use_gpu:
+            resources["GPU"] = tc.gpus_per_worker
+        trainer = TorchTrainer(
+            train_shard_loop,
+            train_loop_config={"model": cfg.to_json(), "task": asdict(task)},
+            scaling_config=ScalingConfig(
+                num_workers=tc.workers_per_shard, use_gpu=tc.use_gpu, resources_per_worker=resources
+            ),
+            run_config=RunConfig(
+                name=f"{task.run_id}-{time.time_ns()}",
+                storage_path=self.storage,
+                failure_config=FailureConfig(max_failures=0),
+            ),
+        )
+        t0 = time.perf_counter()
+        try:
+            result = trainer.fit()
+        except Exception as e:  # Ray wraps worker errors in its own types
+            raise RetrainFailed(
+                f"shard {task.shard}: Ray Train run {task.run_id} failed: {type(e).__name__}: {e}"
+            ) from e
+        wall = time.perf_counter() - t0
+        metrics = result.metrics or {}
+        workers = tc.workers_per_shard
+        return ShardRun(
+            shard=task.shard,
+            run_id=task.run_id,
+            first_slice=task.first_slice,
+            slices_trained=cfg.slices - task.first_slice,
+            wall_seconds=wall,
+            train_seconds=float(metrics.get("train_seconds", 0.0)),
+            cpu_seconds=wall * workers * tc.cpus_per_worker,
+            gpu_seconds=wall * workers * tc.gpus_per_worker,
+            peak_rss_bytes=int(metrics.get("peak_rss", 0)),
+        )
+
+    def train(self, cfg: ModelConfig, tasks: list[ShardTask]) -> list[ShardRun]:
+        """Train all tasks concurrently; raises RetrainFailed if any run failed
+        (the others still finish and their checkpoints stay usable)."""
+        if not tasks:
+            return []
+        connect_ray(self.ray_address, self.settings)
+        runs: dict[int, ShardRun] = {}
+        errors: list[BaseException] = []
+
+        def one(task: ShardTask) -> None:
+            try:
+                runs[task.shard] = self._fit(cfg, task)
+            except BaseException as e:  # noqa: BLE001 - collected and re-raised below
+                errors.append(e)
+
+        threads = [threading.Thread(target=one, args=(t,), daemon=True) for t in tasks]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise RetrainFailed("; ".join(str(e) for e in errors))
+        return [runs[t.shard] for t in tasks]
+
+
+def train_model(
+    store: Store, layout: ModelLayout, trainer: RayTrainer, evaluate: bool = True
+) -> tuple[Generation, list[ShardRun]]:
+    """Train every shard that lacks checkpoints, then commit them and the accuracy.
+    Safe to repeat: slices already trained (their lineage keys exist) are skipped."""
+    from lethe.checkpoints import adopt_checkpoints, pending_slices
+    from lethe.generations import read_live, update
+    from lethe.predict import test_accuracy
+
+    gen = read_live(store, layout).generation
+    adopt_checkpoints(store, layout, gen, range(len(gen.shards)))
+    todo = pending_slices(gen)
+    runs = trainer.train(gen.config, shard_tasks(layout, gen, todo, f"{gen.config.name}-train"))
+    seconds = {r.shard: r.train_seconds for r in runs if r.first_slice == 0}
+
+    def change(g: Generation) -> Generation | None:
+        nxt = g.successor("train")
+        changed = adopt_checkpoints(store, layout, nxt, range(len(nxt.shards)))
+        for k, s in seconds.items():
+            if nxt.shards[k].train_seconds != s:
+                nxt.shards[k].train_seconds = s
+                changed = True
+        if evaluate and (changed or g.accuracy is None):
+            nxt.accuracy = test_accuracy(store, nxt)
+            changed = changed or nxt.accuracy is not None
+        return nxt if changed else None
+
+    return update(store, layout, change).generation, runs
