@@ -30,7 +30,7 @@ from lethe.core.plan import ErasureRequest, expected_shards_touched, ideal_speed
 from lethe.erasure import Engine, request_uid
 from lethe.ingest import ingest_table
 from lethe.layout import ModelLayout
-from lethe.predict import test_accuracy
+from lethe.predict import ensemble_accuracy
 from lethe.store import S3Settings, Store
 from lethe.training import RayTrainer, train_model
 
@@ -89,7 +89,7 @@ def trainer_config(args: argparse.Namespace) -> TrainerConfig:
 def erase(
     store: Store, layout: ModelLayout, trainer: RayTrainer, subjects: list[str]
 ) -> dict[str, Any]:
-    engine = Engine(store, layout, trainer, evaluate=lambda g: test_accuracy(store, g))
+    engine = Engine(store, layout, trainer, evaluate=lambda g: ensemble_accuracy(store, g))
     base_rss = reset_peak_rss()
     t0 = time.perf_counter()
     result = engine.erase(

@@ -8,7 +8,7 @@ from lethe.core.hashing import shard_of
 from lethe.core.plan import ErasureRequest
 from lethe.erasure import Engine, request_uid
 from lethe.generations import read_live
-from lethe.predict import test_accuracy
+from lethe.predict import ensemble_accuracy
 from lethe.store import Store
 from lethe.training import RayTrainer
 from lethe.verify import verify
@@ -27,7 +27,7 @@ def test_two_concurrent_erasures_on_one_shard(store: Store, trainer: RayTrainer)
     def erase(subject: str) -> None:
         try:
             # separate engines, as two processes would have
-            e = Engine(store, layout, trainer, evaluate=lambda g: test_accuracy(store, g))
+            e = Engine(store, layout, trainer, evaluate=lambda g: ensemble_accuracy(store, g))
             results[subject] = e.erase(
                 [ErasureRequest(request_uid(cfg.name, [subject], []), (subject,))]
             )

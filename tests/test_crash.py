@@ -12,7 +12,7 @@ from lethe.core.plan import ErasureRequest
 from lethe.erasure import CRASH_ENV, STEPS, Engine, request_uid
 from lethe.generations import read_live
 from lethe.layout import ModelLayout
-from lethe.predict import test_accuracy
+from lethe.predict import ensemble_accuracy
 from lethe.store import Store
 from lethe.training import RayTrainer, train_model
 from lethe.verify import verify
@@ -50,7 +50,7 @@ def twins(store: Store, trainer: RayTrainer):
 def test_crash_after_step_then_repeat(store: Store, trainer: RayTrainer, twins, step: str) -> None:
     (a, cfg_a), (b, cfg_b), subjects = twins
     subject = subjects[STEPS.index(step) * 7 % len(subjects)]
-    Engine(store, a, trainer, evaluate=lambda g: test_accuracy(store, g)).erase(
+    Engine(store, a, trainer, evaluate=lambda g: ensemble_accuracy(store, g)).erase(
         [ErasureRequest(request_uid(cfg_a.name, [subject], []), (subject,))]
     )
 

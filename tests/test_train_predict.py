@@ -78,5 +78,5 @@ def test_predict_uses_only_live_constituents(store: Store, trainer: RayTrainer, 
     r = lethe_cli("predict", "--model", cfg.name, "--input", str(path), "--json")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert len(lines) == 19 and set(lines[:18]) <= set(cfg.classes)
+    assert len(lines) == 19 and set(lines[:18]) <= set(ens.generation.config.classes)
     assert json.loads(lines[-1])["constituents"] == [0]

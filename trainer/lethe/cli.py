@@ -165,7 +165,7 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_erase(args: argparse.Namespace) -> dict[str, Any]:
     from lethe.core.plan import ErasureRequest
     from lethe.erasure import Engine, request_uid
-    from lethe.predict import test_accuracy
+    from lethe.predict import ensemble_accuracy
 
     subjects = list(args.subject or [])
     if args.subjects_file:
@@ -185,7 +185,7 @@ def cmd_erase(args: argparse.Namespace) -> dict[str, Any]:
         store,
         layout,
         _trainer(args, store),
-        evaluate=lambda g: test_accuracy(store, g),
+        evaluate=lambda g: ensemble_accuracy(store, g),
         progress=_progress,
     )
     return engine.erase(requests)

@@ -27,7 +27,7 @@ from lethe.core.plan import ErasureRequest
 from lethe.erasure import Engine, request_uid
 from lethe.ingest import ingest_table
 from lethe.layout import ModelLayout
-from lethe.predict import test_accuracy
+from lethe.predict import ensemble_accuracy
 from lethe.store import S3Settings, Store
 from lethe.training import RayTrainer, train_model
 from lethe.verify import verify
@@ -122,7 +122,7 @@ def run_demo(json_mode: bool = False, keep: bool = False) -> dict[str, Any]:
             store,
             layout,
             trainer,
-            evaluate=lambda g: test_accuracy(store, g),
+            evaluate=lambda g: ensemble_accuracy(store, g),
             progress=lambda s, m: console.print(f"[bold magenta]{s:>10}[/bold magenta]  {m}"),
         )
         result = engine.erase(

@@ -229,7 +229,7 @@ def up(
 
 
 def _stop(pid: int) -> None:
-    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(pid, sig)
         except OSError:

@@ -86,7 +86,7 @@ class Ensemble:
         return [classes[i] for i in self.predict(x, aggregate)]
 
 
-def test_accuracy(
+def ensemble_accuracy(
     store: Store,
     gen: Generation,
     shards: list[int] | None = None,

@@ -282,7 +282,7 @@ def train_model(
     Safe to repeat: slices already trained (their lineage keys exist) are skipped."""
     from lethe.checkpoints import adopt_checkpoints, pending_slices
     from lethe.generations import read_live, update
-    from lethe.predict import test_accuracy
+    from lethe.predict import ensemble_accuracy
 
     gen = read_live(store, layout).generation
     adopt_checkpoints(store, layout, gen, range(len(gen.shards)))
@@ -298,7 +298,7 @@ def train_model(
                 nxt.shards[k].train_seconds = s
                 changed = True
         if evaluate and (changed or g.accuracy is None):
-            nxt.accuracy = test_accuracy(store, nxt)
+            nxt.accuracy = ensemble_accuracy(store, nxt)
             changed = changed or nxt.accuracy is not None
         return nxt if changed else None
 
