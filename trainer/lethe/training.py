@@ -76,6 +76,7 @@ def train_shard_loop(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if tc.use_gpu else torch.device("cpu")
 
+    torch.manual_seed(tc.seed * 1_000_003 + task.shard * 1009)  # initial weights too
     model = build_model(tc, cfg.num_features, len(cfg.classes))
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.learning_rate)
     if task.first_slice > 0:
