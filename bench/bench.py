@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -129,6 +131,7 @@ def main() -> int:
     p.add_argument("--out", default=str(RESULTS / "latest.json"))
     p.add_argument("--quick", action="store_true", help="a tiny grid to check the harness")
     args = p.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the stack is stopped
     if args.quick:
         args.records, args.epochs, args.hidden = 8000, 4, 128
         args.shards, args.slices = "4", "1,4"
@@ -139,7 +142,7 @@ def main() -> int:
     localstack.up(state, bucket="lethe-bench")
     out: dict[str, Any] = {
         "machine": {
-            "cpus": __import__("os").cpu_count(),
+            "cpus": os.cpu_count(),
             "platform": platform.platform(),
             "python": sys.version.split()[0],
         },

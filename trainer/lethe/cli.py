@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -322,8 +323,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so ``finally`` blocks (stopping the demo's stack) run."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    _exit_on_sigterm()
     from lethe.erasure import ErasureFailed
     from lethe.generations import ModelNotFound
     from lethe.ingest import IngestError

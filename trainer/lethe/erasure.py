@@ -70,20 +70,48 @@ class Engine:
     def erase(
         self, requests: list[ErasureRequest], requested_at: float | None = None
     ) -> dict[str, Any]:
-        """Run (or resume) the batch of ``requests``; returns the batch result."""
+        """Run (or resume) the batch of ``requests`` to the end; returns its result."""
+        done = self.result_of(requests)
+        if done is not None:
+            return done
+        plan = self.prepare(requests, requested_at)
+        self.retrain(plan)
+        return self.finish(plan)
+
+    # The parts below let a control plane run the retrain elsewhere (a Ray job):
+    # prepare and finish need no torch; retrain does.
+    def result_of(self, requests: list[ErasureRequest]) -> dict[str, Any] | None:
         if not requests:
             raise ValueError("no requests")
-        batch = batch_id(self.model, requests)
         try:
-            return self.store.get_json(self.layout.result(batch))
+            return self.store.get_json(self.layout.result(batch_id(self.model, requests)))
         except NotFound:
-            pass
-        plan = self._plan(batch, requests, requested_at or time.time())
+            return None
+
+    def prepare(
+        self, requests: list[ErasureRequest], requested_at: float | None = None
+    ) -> ErasurePlan:
+        """Steps 1-4: resolve, plan, quarantine, patch. After this the data is gone."""
+        plan = self._plan(batch_id(self.model, requests), requests, requested_at or time.time())
         _crash_point("plan")
         if plan.record_hashes:
             self._once(plan, "quarantine", lambda: self._quarantine(plan))
             self._once(plan, "patch", lambda: self._patch(plan))
+        return plan
+
+    def load_plan(self, batch: str) -> ErasurePlan:
+        return ErasurePlan.from_json(self.store.get_json(self.layout.plan(batch)))
+
+    def retrain(self, plan: ErasurePlan) -> None:
+        """Steps 5-6: retrain the affected shards and commit them back into service."""
+        if plan.record_hashes:
             self._once(plan, "commit", lambda: self._retrain_and_commit(plan))
+
+    def finish(self, plan: ErasurePlan) -> dict[str, Any]:
+        """Steps 7-8: purge and certify."""
+        if plan.record_hashes:
+            if self._marker(plan, "commit") is None:
+                raise ErasureFailed("NotRetrained", f"batch {plan.batch_id} is not committed yet")
             self._once(plan, "purge", lambda: self._purge(plan))
         return self._certify(plan)
 
