@@ -100,14 +100,18 @@ def erase(
     wall = time.perf_counter() - t0
     runs = result["shard_runs"]
     slowest_training = max((r["train_seconds"] for r in runs), default=0.0)
+    # Erasure time: request to the retrained shards back in service (as in the demo and
+    # the certificate); the purge and the certificate come after, counted in total_seconds.
+    to_commit = result["timings"]["erasure_seconds"]
     return {
-        "erasure_seconds": wall,
+        "erasure_seconds": to_commit,
+        "total_seconds": wall,
         "time_to_forget_seconds": result["timings"]["time_to_forget_seconds"],
         "shards_retrained": result["shards_retrained"],
         "records_erased": result["records_erased"],
         "training_seconds_critical_path": slowest_training,
         "ray_run_seconds_critical_path": max((r["wall_seconds"] for r in runs), default=0.0),
-        "overhead_seconds": wall - slowest_training,
+        "overhead_seconds": to_commit - slowest_training,
         "accuracy_after": result["accuracy_after"],
         # what the erasure path added on top of this process (which holds the dataset)
         "driver_peak_rss_mb": (_status("VmHWM") - base_rss) / 2**20,

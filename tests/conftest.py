@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from lethe import localstack
+from lethe import kubestack, localstack
 from lethe.core.config import ModelConfig, TrainerConfig
 from lethe.core.hashing import is_test_subject, shard_of, slice_of
 from lethe.ingest import ingest_table
@@ -131,3 +131,23 @@ def lethe_cli(
 
 def all_versions(store: Store, prefix: str) -> list[tuple[str, str, bool]]:
     return list(store.list_versions(prefix))
+
+
+@pytest.fixture(scope="session")
+def kube(tmp_path_factory: pytest.TempPathFactory) -> kubestack.KubeState:
+    state = tmp_path_factory.mktemp("kube")
+    st = kubestack.start(state)
+    yield st
+    kubestack.stop(state)
+
+
+def kubectl(
+    kube: kubestack.KubeState, *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["kubectl", "--kubeconfig", kube.kubeconfig, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )

@@ -14,21 +14,9 @@ import yaml
 
 from lethe import kubestack
 
+from .conftest import kubectl
+
 EXAMPLES = Path(__file__).parent.parent / "examples"
-
-
-@pytest.fixture(scope="session")
-def kube(tmp_path_factory: pytest.TempPathFactory) -> kubestack.KubeState:
-    state = tmp_path_factory.mktemp("kube")
-    st = kubestack.start(state)
-    yield st
-    kubestack.stop(state)
-
-
-def kubectl(kube: kubestack.KubeState, *args: str, stdin: str | None = None
-            ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["kubectl", "--kubeconfig", kube.kubeconfig, *args], input=stdin,
-                          capture_output=True, text=True, timeout=60)
 
 
 def apply(kube: kubestack.KubeState, obj: dict[str, Any]) -> subprocess.CompletedProcess[str]:
@@ -52,8 +40,16 @@ def test_every_example_applies(kube: kubestack.KubeState) -> None:
     cols = kubectl(kube, "get", "erasurerequests")
     assert cols.returncode == 0
     header = cols.stdout.splitlines()[0].split()
-    for column in ("MODEL", "PHASE", "RECORDS", "SHARDS", "FORGET(S)", "LATENCY(S)",
-                   "COST(USD)", "AGE"):
+    for column in (
+        "MODEL",
+        "PHASE",
+        "RECORDS",
+        "SHARDS",
+        "FORGET(S)",
+        "LATENCY(S)",
+        "COST(USD)",
+        "AGE",
+    ):
         assert column in header
     assert kubectl(kube, "get", "er").returncode == 0  # short name
 
@@ -91,8 +87,12 @@ MALFORMED = [
     (MODEL, "spec.trainer.gpusPerWorker", -1, "spec.trainer.gpusPerWorker"),
     (MODEL, "spec.trainer.inputShape", [], "spec.trainer"),
     (MODEL, "spec.ray", {}, "spec.ray"),
-    (MODEL, "spec.ray", {"address": "http://r:8265", "rayJob": {"clusterSelector": {"a": "b"}}},
-     "spec.ray"),
+    (
+        MODEL,
+        "spec.ray",
+        {"address": "http://r:8265", "rayJob": {"clusterSelector": {"a": "b"}}},
+        "spec.ray",
+    ),
     (MODEL, "spec.ray.address", "ray://head:10001", "spec.ray.address"),
     (MODEL, "spec.prices.gpuHourUSD", -2, "spec.prices.gpuHourUSD"),
     (MODEL, "spec.erasurePolicy.deadlineSeconds", 5, "spec.erasurePolicy.deadlineSeconds"),
@@ -109,8 +109,11 @@ MALFORMED = [
 ]
 
 
-@pytest.mark.parametrize(("base", "path", "value", "needle"), MALFORMED,
-                         ids=[f"{m[1]}={str(m[2])[:20]}" for m in MALFORMED])
+@pytest.mark.parametrize(
+    ("base", "path", "value", "needle"),
+    MALFORMED,
+    ids=[f"{m[1]}={str(m[2])[:20]}" for m in MALFORMED],
+)
 def test_malformed_manifest_is_rejected_naming_the_field(kube, base, path, value, needle) -> None:
     obj = _with(base, path, value)
     r = apply(kube, obj)
@@ -144,6 +147,10 @@ def test_rbac_is_enforced(kube: kubestack.KubeState, tmp_path: Path) -> None:
     assert token.count(".") == 2  # a signed JWT: service-account tokens work
     cfg = tmp_path / "nobody.kubeconfig"
     kubestack.write_kubeconfig(cfg, kube.server, token, "nobody")
-    r = subprocess.run(["kubectl", "--kubeconfig", str(cfg), "get", "erasurerequests"],
-                       capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        ["kubectl", "--kubeconfig", str(cfg), "get", "erasurerequests"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode != 0 and "forbidden" in r.stderr.lower()

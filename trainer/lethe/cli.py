@@ -13,6 +13,7 @@ from typing import Any
 from rich.console import Console
 
 from lethe.core.config import Columns, ConfigError, ModelConfig, Prices, TrainerConfig
+from lethe.core.plan import parse_id_lines
 from lethe.layout import ModelLayout
 from lethe.store import S3Settings, Store
 
@@ -31,20 +32,10 @@ def read_subjects_file(path: str) -> list[str]:
         raise UsageError(f"subjects file not found: {path}") from None
     except UnicodeDecodeError:
         raise UsageError(f"subjects file {path}: not UTF-8 text") from None
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        s = line.strip()
-        if not s or s.startswith("#"):
-            continue
-        if any(c.isspace() or not c.isprintable() for c in s):
-            raise UsageError(
-                f"subjects file {path}, line {n}: an id must be one token "
-                "without spaces or control characters"
-            )
-        out.append(s)
-    if not out:
-        raise UsageError(f"subjects file {path}: names no subject")
-    return out
+    try:
+        return parse_id_lines(text, f"subjects file {path}")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _store(args: argparse.Namespace) -> Store:
@@ -229,12 +220,28 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_dev(args: argparse.Namespace) -> dict[str, Any]:
-    from lethe import localstack
+    """The local stack: SeaweedFS, a Ray head and (unless --no-kube) etcd + kube-apiserver
+    with the CRDs installed. Writes <state>/env and <state>/kubeconfig; idempotent."""
+    from lethe import kubestack, localstack
 
-    if args.action == "up":
-        st = localstack.up(Path(args.state_dir))
-        return {"state_dir": st.state_dir, "env": f"{st.state_dir}/env", **st.env()}
-    return {"stopped": localstack.down(Path(args.state_dir))}
+    state = Path(args.state_dir)
+    if args.action == "down":
+        return {"stopped": kubestack.stop(state) | localstack.down(state)}
+    st = localstack.up(state)
+    env = st.env()
+    if not args.no_kube:
+        kube = kubestack.read_state(state) or kubestack.start(state)
+        env["KUBECONFIG"] = str(Path(kube.kubeconfig).resolve())
+    env["LETHE_METRICS_URL"] = f"http://127.0.0.1:{args.metrics_port}/metrics"
+    (state / "env").write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
+    return {"state_dir": str(state), "env": str(state / "env"), **env}
+
+
+def cmd_operator(args: argparse.Namespace) -> dict[str, Any]:
+    from lethe_operator.__main__ import main as operator_main
+
+    operator_main(["--metrics-port", str(args.metrics_port)])
+    return {}
 
 
 def _progress(step: str, message: str) -> None:
@@ -319,7 +326,13 @@ def parser() -> argparse.ArgumentParser:
         parents=[common], name="dev", help="start or stop the local stack (SeaweedFS + Ray)"
     )
     s.add_argument("action", choices=["up", "down"])
+    s.add_argument("--no-kube", action="store_true", help="only SeaweedFS and Ray")
+    s.add_argument("--metrics-port", type=int, default=9090, help="the operator's /metrics port")
     s.set_defaults(func=cmd_dev)
+
+    s = sub.add_parser(parents=[common], name="operator", help="run the kopf operator")
+    s.add_argument("--metrics-port", type=int, default=9090)
+    s.set_defaults(func=cmd_operator)
     return p
 
 

@@ -31,7 +31,7 @@ from lethe.core.cost import ShardRun, total_cost
 from lethe.core.hashing import salted_hash, salted_hashes, shard_of, stable_id
 from lethe.core.manifest import FileRef, Generation
 from lethe.core.plan import ErasurePlan, ErasureRequest, RequestPlan, ShardPlan, estimate_cost
-from lethe.generations import read_live, update
+from lethe.generations import Live, read_live, update
 from lethe.layout import ModelLayout, sha_of_key
 from lethe.store import NotFound, Store
 
@@ -225,9 +225,13 @@ class Engine:
                         self.layout.shard_run(plan.batch_id, run.shard), run.to_json()
                     )
                 _crash_point("retrain")
-            live, released = self._commit(plan)
-            if released:
-                return {"generation": live.generation.number, "accuracy": live.generation.accuracy}
+            live, released_at = self._commit(plan)
+            if released_at is not None:
+                return {
+                    "generation": live.generation.number,
+                    "accuracy": live.generation.accuracy,
+                    "released_at": released_at,
+                }
         raise ErasureFailed("RetrainRace", "the affected shards kept changing under the retrain")
 
     def _train_with_retries(self, cfg: ModelConfig, tasks: list[Any]) -> list[ShardRun]:
@@ -246,7 +250,9 @@ class Engine:
                 time.sleep(self.retry_backoff_seconds * 2**attempt)
         raise AssertionError("unreachable")
 
-    def _commit(self, plan: ErasurePlan) -> tuple[Any, bool]:
+    def _commit(self, plan: ErasurePlan) -> tuple[Live, float | None]:
+        """Adopt the new checkpoints and release the shards; returns the live generation
+        and when the shards went back into service (None if they could not yet)."""
         released = False
 
         def change(g: Generation) -> Generation | None:
@@ -262,18 +268,33 @@ class Engine:
                         changed = True
             if not changed:
                 return None
-            if self.evaluate is not None:
-                nxt.accuracy = self.evaluate(nxt)
+            nxt.accuracy = None  # the ensemble changed; measured right after, off the path
             return nxt
 
         live = update(self.store, self.layout, change)
-        if released:
-            self.progress(
-                "commit",
-                f"shard(s) back in service (generation "
-                f"{live.generation.number}, accuracy {live.generation.accuracy})",
-            )
-        return live, released
+        if not released:
+            return live, None
+        released_at = time.time()
+        live = self._record_accuracy()
+        self.progress(
+            "commit",
+            f"shard(s) back in service (generation "
+            f"{live.generation.number}, accuracy {live.generation.accuracy})",
+        )
+        return live, released_at
+
+    def _record_accuracy(self) -> Live:
+        """Measure the test accuracy of the live ensemble if it is not known yet. Kept out
+        of the releasing commit, so the shards serve again without waiting for it."""
+
+        def change(g: Generation) -> Generation | None:
+            if g.accuracy is not None or self.evaluate is None:
+                return None
+            nxt = g.successor("accuracy")
+            nxt.accuracy = self.evaluate(nxt)
+            return nxt if nxt.accuracy is not None else None
+
+        return update(self.store, self.layout, change)
 
     # -- step 7: purge ---------------------------------------------------------------
     def _purge(self, plan: ErasurePlan) -> dict[str, Any]:
@@ -335,7 +356,8 @@ class Engine:
         )
         t0 = plan.requested_at
         q_at = (markers["quarantine"] or {}).get("at")
-        c_at = (markers["commit"] or {}).get("at")
+        commit = markers["commit"] or {}
+        c_at = commit.get("released_at") or commit.get("at")  # shards back in service
         affected = plan.affected_shards
         timings = {
             "requested_at": t0,
@@ -548,3 +570,50 @@ def manifests_referencing(store: Store, layout: ModelLayout, keys: set[str], liv
         if gen.referenced_keys() & keys:
             out.add(key)
     return out
+
+
+def resolve_shards(store: Store, gen: Generation, subjects: Iterable[str],
+                   records: Iterable[str]) -> list[int]:
+    """The training shards that hold any of these subjects or records. Subjects hash to
+    their shard; record ids are looked up in the index files (ids only, no features)."""
+    cfg = gen.config
+    subjects, records = set(subjects), set(records)
+    shards = {shard_of(s, cfg.shards) for s in subjects}
+    if records:
+        for k in range(cfg.shards):
+            if k in shards:
+                continue
+            index = dataio.read_table(store, gen.shards[k].index, ["record_id"])
+            if dataio.isin(index.column("record_id"), records).any():
+                shards.add(k)
+    return sorted(shards)
+
+
+def hold_shards(store: Store, layout: ModelLayout, holder: str, shards: list[int]) -> Generation:
+    """Quarantine ``shards`` on behalf of ``holder`` (a request accepted but not yet
+    batched): instant forgetting, before any data is touched. Idempotent."""
+
+    def change(g: Generation) -> Generation | None:
+        missing = [k for k in shards if holder not in g.quarantine.get(k, [])]
+        if not missing:
+            return None
+        nxt = g.successor(f"hold {holder}")
+        for k in missing:
+            nxt.quarantine.setdefault(k, []).append(holder)
+        return nxt
+
+    return update(store, layout, change).generation
+
+
+def release_holds(store: Store, layout: ModelLayout, holders: set[str]) -> Generation:
+    """Drop these holders from every shard's quarantine (their batch holds it now)."""
+
+    def change(g: Generation) -> Generation | None:
+        if not any(h in holders for hs in g.quarantine.values() for h in hs):
+            return None
+        nxt = g.successor("release holds")
+        nxt.quarantine = {k: [h for h in hs if h not in holders]
+                          for k, hs in nxt.quarantine.items()}
+        return nxt
+
+    return update(store, layout, change).generation

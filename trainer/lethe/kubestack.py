@@ -133,6 +133,14 @@ def install_crds(kubeconfig: Path) -> None:
     time.sleep(0.5)  # discovery catches up with the new resources
 
 
+def read_state(state: Path) -> KubeState | None:
+    f = state / "kube.json"
+    if not f.exists():
+        return None
+    st = KubeState(**json.loads(f.read_text()))
+    return st if _kubectl_ok(Path(st.kubeconfig)) else None
+
+
 def stop(state: Path) -> bool:
     f = state / "kube.json"
     if not f.exists():

@@ -185,8 +185,15 @@ def start_ray(state: Path, num_cpus: int | None) -> tuple[str, str, int]:
         f"--temp-dir={temp}",
         f"--num-cpus={num_cpus or os.cpu_count() or 2}",
     ]
+    # Ports of our own, so that two stacks (tests, a demo, `lethe dev`) never collide.
+    for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                 "metrics-export-port", "runtime-env-agent-port", "node-manager-port",
+                 "object-manager-port"):
+        cmd.append(f"--{flag}={free_port()}")
     log = state / "ray.log"
-    pid = _spawn(cmd, log, {"RAY_AUTH_MODE": "disabled"})
+    # Ray jobs run `python -m lethe.jobs`: put this virtualenv first on the head's PATH.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    pid = _spawn(cmd, log, {"RAY_AUTH_MODE": "disabled", "PATH": path})
     dashboard = f"http://{HOST}:{dash}"
     _wait(lambda: _http_ok(f"{dashboard}/api/version"), "Ray head", 120, log)
     return f"{HOST}:{gcs}", dashboard, pid

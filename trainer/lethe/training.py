@@ -167,6 +167,10 @@ def connect_ray(address: str | None, settings: S3Settings) -> None:
             "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"
         ),
     }
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+        # Inside a Ray job (the operator's): the job's runtime env carries the S3
+        # settings too; let ray.init combine the two instead of refusing.
+        os.environ["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
     if os.environ.get(FAULT_ENV):
         env[FAULT_ENV] = os.environ[FAULT_ENV]
     ray.init(

@@ -187,3 +187,20 @@ def ideal_speedup(shards: int, slices: int) -> float:
 
 def now() -> float:
     return time.time()
+
+
+def parse_id_lines(text: str, source: str) -> list[str]:
+    """Ids one per line (subjects files, Secrets); blank lines and '#' comments skipped.
+    Errors name the line, never the id."""
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        s = line.strip()
+        if not s or s.startswith("#"):
+            continue
+        if any(c.isspace() or not c.isprintable() for c in s):
+            raise ValueError(f"{source}, line {n}: an id must be one token without spaces "
+                             "or control characters")
+        out.append(s)
+    if not out:
+        raise ValueError(f"{source}: names no subject")
+    return out
