@@ -336,6 +336,17 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _disconnect_ray() -> None:
+    """Ray's driver prints raylet warnings to stdout whenever they arrive; disconnect
+    first so that the JSON object really is the last line."""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    sys.stdout.flush()
+
+
 def _exit_on_sigterm() -> None:
     """Turn SIGTERM into SystemExit so ``finally`` blocks (stopping the demo's stack) run."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -362,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     code = int(out.pop("_exit", 0)) if isinstance(out, dict) else 0
     if args.json:
-        print(json.dumps(out, default=str))
+        _disconnect_ray()
+        print(json.dumps(out, default=str), flush=True)
     elif args.command not in ("predict", "demo"):
         err.print_json(json.dumps(out, default=str))
     return code
