@@ -85,7 +85,3 @@ class RayJobs:
         return [
             j["submission_id"] for j in jobs if str(j.get("submission_id") or "").startswith(prefix)
         ]
-
-    def logs_tail(self, submission_id: str, chars: int = 600) -> str:
-        out = self._call("GET", f"/api/jobs/{submission_id}/logs") or {}
-        return str(out.get("logs", ""))[-chars:]

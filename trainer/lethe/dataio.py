@@ -19,8 +19,6 @@ from lethe.core.hashing import salted_hash, sha256_hex
 from lethe.core.manifest import FileRef
 from lethe.store import Store
 
-ID_COLUMNS = ["record_id", "subject_id"]
-
 
 def data_table(
     record_ids: list[str], subject_ids: list[str], labels: np.ndarray, features: np.ndarray

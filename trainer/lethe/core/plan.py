@@ -6,7 +6,6 @@ step finds rows to drop by hashing each row's record id with the plan's salt.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -183,10 +182,6 @@ def expected_shards_touched(shards: int, requests: int) -> float:
 def ideal_speedup(shards: int, slices: int) -> float:
     """SISA paper: one request costs (2R+1)/(3R) of one shard's training."""
     return shards * 3.0 * slices / (2.0 * slices + 1.0)
-
-
-def now() -> float:
-    return time.time()
 
 
 def parse_id_lines(text: str, source: str) -> list[str]:
