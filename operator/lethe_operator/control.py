@@ -132,12 +132,12 @@ class ModelContext:
         return Engine(self.store, self.layout, trainer=None)
 
 
-def _secret_value(namespace: str, name: str, key: str) -> str:
-    secret = k8s.CoreV1Api().read_namespaced_secret(name, namespace)
-    data = secret.data or {}
-    if key not in data:
-        raise KeyError(f"Secret {name} has no key {key!r}")
-    return base64.b64decode(data[key]).decode()
+def _secret_values(namespace: str, name: str, *keys: str) -> list[str]:
+    data = k8s.CoreV1Api().read_namespaced_secret(name, namespace).data or {}
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise KeyError(f"Secret {name} has no key(s) {missing}")
+    return [base64.b64decode(data[k]).decode() for k in keys]
 
 
 def model_context(body: dict[str, Any]) -> ModelContext:
@@ -146,8 +146,7 @@ def model_context(body: dict[str, Any]) -> ModelContext:
     access = secret = None
     if storage.get("credentialsSecret"):
         ref = storage["credentialsSecret"]["name"]
-        access = _secret_value(ns, ref, "AWS_ACCESS_KEY_ID")
-        secret = _secret_value(ns, ref, "AWS_SECRET_ACCESS_KEY")
+        access, secret = _secret_values(ns, ref, "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
     env = S3Settings.from_env()
     settings = S3Settings(
         endpoint=storage.get("endpoint") or env.endpoint,
@@ -264,7 +263,8 @@ def _subjects_and_records(req: dict[str, Any]) -> tuple[list[str], list[str]]:
     spec = req["spec"]
     if spec.get("secretRef"):
         ref = spec["secretRef"]
-        text = _secret_value(req["metadata"]["namespace"], ref["name"], ref.get("key", "subjects"))
+        ns = req["metadata"]["namespace"]
+        (text,) = _secret_values(ns, ref["name"], ref.get("key", "subjects"))
         return parse_id_lines(text, f"Secret {ref['name']}"), []
     return list(spec.get("subjects", [])), list(spec.get("recordIds", []))
 
@@ -358,7 +358,7 @@ def advance_batch(
                     r["metadata"]["name"],
                     {"phase": "DataErased", "batchId": plan.batch_id, "conditions": conds},
                 )
-        if plan.record_hashes and engine._marker(plan, "commit") is None:
+        if not engine.committed(plan):
             attempt = int(active.get("attempt", 0))
             job_id = f"lethe-{plan.batch_id}-{attempt}"
             job = ctx.ray().ensure(

@@ -107,10 +107,14 @@ class Engine:
         if plan.record_hashes:
             self._once(plan, "commit", lambda: self._retrain_and_commit(plan))
 
+    def committed(self, plan: ErasurePlan) -> bool:
+        """Whether steps 5-6 are done (or not needed) for this batch."""
+        return not plan.record_hashes or self._marker(plan, "commit") is not None
+
     def finish(self, plan: ErasurePlan) -> dict[str, Any]:
         """Steps 7-8: purge and certify."""
         if plan.record_hashes:
-            if self._marker(plan, "commit") is None:
+            if not self.committed(plan):
                 raise ErasureFailed("NotRetrained", f"batch {plan.batch_id} is not committed yet")
             self._once(plan, "purge", lambda: self._purge(plan))
         return self._certify(plan)

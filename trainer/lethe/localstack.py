@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _wait(check: callable, what: str, timeout: float, log: Path) -> None:  # type: ignore[valid-type]
+def _wait(check: Callable[[], bool], what: str, timeout: float, log: Path) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
