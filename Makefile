@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: venv kube-apiserver test demo bench lint clean
+.PHONY: venv kube-apiserver helm prometheus kuberay-crds test demo bench bench-operator lint clean
 
 venv: $(STAMP)
 
@@ -22,8 +22,20 @@ $(STAMP): pyproject.toml constraints.txt
 kube-apiserver:
 	bash tools/build-kube-apiserver.sh
 
-test: venv kube-apiserver
-	$(BIN)/ruff check trainer operator tests bench
+# helm built from the helm.sh/helm/v3 Go module, cached like kube-apiserver
+helm:
+	bash tools/build-helm.sh
+
+# prometheus and promtool from Debian's prometheus package, cached under ~/.cache/lethe
+prometheus:
+	bash tools/get-prometheus.sh
+
+# KubeRay's CRDs from the github.com/ray-project/kuberay/ray-operator Go module
+kuberay-crds:
+	bash tools/get-kuberay-crds.sh
+
+test: venv kube-apiserver helm prometheus kuberay-crds
+	$(BIN)/ruff check trainer operator tests bench tools
 	$(BIN)/python -m pytest -q tests
 
 demo: venv
@@ -32,9 +44,12 @@ demo: venv
 bench: venv
 	$(BIN)/python bench/bench.py
 
+bench-operator: venv kube-apiserver
+	$(BIN)/python bench/bench_operator.py
+
 lint: venv
-	$(BIN)/ruff check trainer operator tests bench
-	$(BIN)/ruff format --check trainer operator tests bench
+	$(BIN)/ruff check trainer operator tests bench tools
+	$(BIN)/ruff format --check trainer operator tests bench tools
 
 clean:
 	rm -rf $(VENV) .lethe .pytest_cache

@@ -4,166 +4,53 @@ head, and the operator as its own process (killed with SIGKILL in one test)."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
 
 from lethe import kubestack
-from lethe.core.hashing import is_test_subject
-from lethe.datasets import TEST_FRACTION, digits_table
 from lethe.localstack import StackState, free_port
 from lethe.store import Store
 from lethe.verify import verify
 from lethe_operator.raylaunch import RayJobs
 
 from .conftest import kubectl
+from .harness import (
+    Operator,
+    apply,
+    digits_model,
+    erasure_request,
+    get,
+    phase,
+    remove_model,
+    s3_secret,
+    train_subjects,
+    wait_for,
+    wait_ready,
+)
 
 MODEL = "digits-op"
 
 
-class Operator:
-    def __init__(self, kube: kubestack.KubeState, port: int, log: Path) -> None:
-        self.kube, self.port, self.log = kube, port, log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        env = {**os.environ, "KUBECONFIG": self.kube.kubeconfig, "LETHE_RAY_PYTHON": sys.executable}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lethe_operator", "--metrics-port", str(self.port)],
-            stdout=open(self.log, "ab"),
-            stderr=subprocess.STDOUT,
-            env=env,
-        )  # noqa: SIM115
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
-            return r.read().decode()
-
-
-def get(kube, kind: str, name: str) -> dict[str, Any]:
-    r = kubectl(kube, "get", kind, name, "-o", "json")
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
-
-
-def wait_for(what: str, check, timeout: float = 240, every: float = 1.0) -> Any:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def phase(kube, name: str) -> str:
-    return (get(kube, "erasurerequest", name).get("status") or {}).get("phase", "")
-
-
-def apply(kube, obj: dict[str, Any]) -> None:
-    r = kubectl(kube, "apply", "-f", "-", stdin=json.dumps(obj))
-    assert r.returncode == 0, r.stderr
-
-
-def request(name: str, subjects: list[str]) -> dict[str, Any]:
-    return {
-        "apiVersion": "lethe.dev/v1alpha1",
-        "kind": "ErasureRequest",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {"modelRef": {"name": MODEL}, "subjects": subjects, "reason": "test"},
-    }
+def request(name: str, subjects: list[str]) -> dict:
+    return erasure_request(name, subjects, MODEL)
 
 
 @pytest.fixture(scope="module")
-def operator(kube, stack: StackState, store: Store, tmp_path_factory):
+def operator(
+    kube: kubestack.KubeState, stack: StackState, store: Store, tmp_path_factory
+) -> Iterator[Operator]:
     log = tmp_path_factory.mktemp("operator") / "operator.log"
-    op = Operator(kube, free_port(), log)
-    secret = {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {"name": "lethe-s3"},
-        "stringData": {
-            "AWS_ACCESS_KEY_ID": stack.env()["AWS_ACCESS_KEY_ID"],
-            "AWS_SECRET_ACCESS_KEY": stack.env()["AWS_SECRET_ACCESS_KEY"],
-        },
-    }
-    apply(kube, secret)
-    apply(
-        kube,
-        {
-            "apiVersion": "lethe.dev/v1alpha1",
-            "kind": "ShardedModel",
-            "metadata": {"name": MODEL, "namespace": "default"},
-            "spec": {
-                "storage": {
-                    "bucket": store.bucket,
-                    "prefix": f"op-{os.getpid()}",
-                    "endpoint": stack.s3_endpoint,
-                    "credentialsSecret": {"name": "lethe-s3"},
-                },
-                "dataset": {"uri": "builtin:digits"},
-                "shards": 3,
-                "slices": 2,
-                "trainer": {
-                    "model": "mlp",
-                    "epochs": 6,
-                    "hidden": 64,
-                    "batchSize": 64,
-                    "learningRate": 0.003,
-                },
-                "ray": {"address": stack.ray_dashboard, "maxRetries": 1},
-                "erasurePolicy": {
-                    "batchWindowSeconds": 4,
-                    "maxBatchSize": 10,
-                    "ttlSecondsAfterFinished": 3600,
-                },
-            },
-        },
-    )
+    op = Operator(kube.kubeconfig, free_port(), log)
+    apply(kube, s3_secret(stack), digits_model(MODEL, stack, store))
     op.start()
     try:
-        wait_for(
-            "the model to be Ready",
-            lambda: any(
-                c["type"] == "Ready" and c["status"] == "True"
-                for c in (get(kube, "shardedmodel", MODEL).get("status") or {}).get(
-                    "conditions", []
-                )
-            ),
-            timeout=300,
-        )
+        wait_ready(kube, MODEL)
         yield op
     finally:
         op.stop()
-        print(log.read_text()[-5000:])
-
-
-def train_subjects(n: int, offset: int = 0) -> list[str]:
-    table, _ = digits_table()
-    subs = sorted(
-        {s for s in table.column("subject_id").to_pylist() if not is_test_subject(s, TEST_FRACTION)}
-    )
-    return subs[offset : offset + n]
+        remove_model(kube, MODEL)
+        print(op.tail())
 
 
 def test_unknown_model_fails_with_reason(kube, operator) -> None:

@@ -33,7 +33,7 @@ from lethe.ingest import ingest_table, read_dataset
 from lethe.layout import ModelLayout
 from lethe.store import S3Settings, Store
 from lethe_operator import metrics
-from lethe_operator.raylaunch import RayJobs
+from lethe_operator.raylaunch import Launcher, RayJobs
 
 GROUP, VERSION = "lethe.dev", "v1alpha1"
 MODELS, REQUESTS = "shardedmodels", "erasurerequests"
@@ -120,13 +120,17 @@ class ModelContext:
             test_fraction=float(s["dataset"].get("testFraction", 0.2)),
         )
 
-    def ray(self) -> RayJobs:
-        address = self.spec["ray"].get("address")
-        if not address:
-            raise NotImplementedError("ray.rayJob (KubeRay) is not supported yet: use ray.address")
-        return RayJobs(
-            address, self.store.settings.env(), python=os.environ.get("LETHE_RAY_PYTHON", "python")
-        )
+    def ray(self, owners: list[dict[str, Any]] | None = None) -> Launcher:
+        """Where this model's Ray jobs run: an existing cluster's Jobs API, or KubeRay
+        RayJobs (``owners``: the objects a RayJob belongs to, for garbage collection)."""
+        env = self.store.settings.env()
+        python = os.environ.get("LETHE_RAY_PYTHON", "python")
+        ray = self.spec["ray"]
+        if ray.get("address"):
+            return RayJobs(ray["address"], env, python=python)
+        from lethe_operator.kuberay import KubeRayJobs
+
+        return KubeRayJobs(self.namespace, ray["rayJob"], env, python=python, owners=owners or [])
 
     def engine(self) -> Engine:
         return Engine(self.store, self.layout, trainer=None)
@@ -201,7 +205,7 @@ def reconcile_model(body: dict[str, Any], events: Any) -> dict[str, Any]:
     adopt_checkpoints(ctx.store, ctx.layout, live, range(len(live.shards)))
     if pending_slices(live):
         attempt = int(status.get("trainAttempt", 0))
-        job = ctx.ray().ensure(
+        job = ctx.ray(owners=[body]).ensure(
             f"lethe-train-{body['metadata']['uid']}-{attempt}",
             ["train", "--model-prefix", ctx.layout.prefix],
         )
@@ -361,7 +365,7 @@ def advance_batch(
         if not engine.committed(plan):
             attempt = int(active.get("attempt", 0))
             job_id = f"lethe-{plan.batch_id}-{attempt}"
-            job = ctx.ray().ensure(
+            job = ctx.ray(owners=members).ensure(
                 job_id, ["retrain", "--model-prefix", ctx.layout.prefix, "--batch", plan.batch_id]
             )
             if job.status == "FAILED" or job.status == "STOPPED":

@@ -11,6 +11,7 @@ import shlex
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from typing import Protocol
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -28,6 +29,14 @@ class JobStatus:
     @property
     def done(self) -> bool:
         return self.status in TERMINAL
+
+
+class Launcher(Protocol):
+    """Runs ``python -m lethe.jobs ARGS`` as a Ray job with a deterministic id."""
+
+    def status(self, submission_id: str) -> JobStatus | None: ...
+
+    def ensure(self, submission_id: str, args: list[str]) -> JobStatus: ...
 
 
 class RayJobs:

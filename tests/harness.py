@@ -1,0 +1,216 @@
+"""Helpers for tests that run the operator as its own process against the real stack
+(kube-apiserver + etcd, SeaweedFS, a Ray head)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from lethe import kubestack
+from lethe.core.hashing import is_test_subject
+from lethe.datasets import TEST_FRACTION, digits_table
+from lethe.localstack import StackState
+from lethe.store import Store
+
+from .conftest import kubectl
+
+
+class Operator:
+    """``python -m lethe_operator`` in a subprocess, logging to ``log``."""
+
+    def __init__(
+        self,
+        kubeconfig: str,
+        port: int,
+        log: Path,
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.kubeconfig, self.port, self.log = kubeconfig, port, log
+        self.args, self.env = args, dict(env or {})
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, **extra_env: str) -> None:
+        env = {
+            **os.environ,
+            "KUBECONFIG": self.kubeconfig,
+            "LETHE_RAY_PYTHON": sys.executable,
+            **self.env,
+            **extra_env,
+        }
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "lethe_operator", "--metrics-port", str(self.port)]
+                + list(self.args),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def tail(self, chars: int = 5000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+
+def get(kube: kubestack.KubeState, kind: str, name: str, namespace: str = "default") -> dict:
+    r = kubectl(kube, "-n", namespace, "get", kind, name, "-o", "json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 240, every: float = 1.0) -> Any:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def phase(kube: kubestack.KubeState, name: str, namespace: str = "default") -> str:
+    return (get(kube, "erasurerequest", name, namespace).get("status") or {}).get("phase", "")
+
+
+def apply(kube: kubestack.KubeState, *objs: dict[str, Any]) -> None:
+    """``kubectl apply`` of one or more objects in one call."""
+    doc = {"apiVersion": "v1", "kind": "List", "items": list(objs)}
+    r = kubectl(kube, "apply", "-f", "-", stdin=json.dumps(doc))
+    assert r.returncode == 0, r.stderr
+
+
+def erasure_request(
+    name: str, subjects: list[str], model: str, namespace: str = "default"
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "lethe.dev/v1alpha1",
+        "kind": "ErasureRequest",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"modelRef": {"name": model}, "subjects": subjects, "reason": "test"},
+    }
+
+
+def s3_secret(stack: StackState, name: str = "lethe-s3", namespace: str = "default") -> dict:
+    env = stack.env()
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "namespace": namespace},
+        "stringData": {
+            "AWS_ACCESS_KEY_ID": env["AWS_ACCESS_KEY_ID"],
+            "AWS_SECRET_ACCESS_KEY": env["AWS_SECRET_ACCESS_KEY"],
+        },
+    }
+
+
+def digits_model(
+    name: str,
+    stack: StackState,
+    store: Store,
+    namespace: str = "default",
+    ray: dict[str, Any] | None = None,
+    policy: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A small ShardedModel on the built-in digits data (trains in well under a minute)."""
+    return {
+        "apiVersion": "lethe.dev/v1alpha1",
+        "kind": "ShardedModel",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "storage": {
+                "bucket": store.bucket,
+                "prefix": f"op-{os.getpid()}-{namespace}",
+                "endpoint": stack.s3_endpoint,
+                "credentialsSecret": {"name": "lethe-s3"},
+            },
+            "dataset": {"uri": "builtin:digits"},
+            "shards": 3,
+            "slices": 2,
+            "trainer": {
+                "model": "mlp",
+                "epochs": 6,
+                "hidden": 64,
+                "batchSize": 64,
+                "learningRate": 0.003,
+            },
+            "ray": ray or {"address": stack.ray_dashboard, "maxRetries": 1},
+            "erasurePolicy": policy
+            or {"batchWindowSeconds": 4, "maxBatchSize": 10, "ttlSecondsAfterFinished": 3600},
+        },
+    }
+
+
+def condition(obj: dict[str, Any], type_: str) -> str:
+    for c in (obj.get("status") or {}).get("conditions", []):
+        if c["type"] == type_:
+            return str(c["status"])
+    return ""
+
+
+def wait_ready(kube: kubestack.KubeState, model: str, namespace: str = "default") -> None:
+    wait_for(
+        f"ShardedModel {model} to be Ready",
+        lambda: condition(get(kube, "shardedmodel", model, namespace), "Ready") == "True",
+        timeout=300,
+    )
+
+
+def remove_model(kube: kubestack.KubeState, model: str, namespace: str = "default") -> None:
+    """Delete a ShardedModel without an operator running (drop kopf's finalizer first)."""
+    kubectl(
+        kube,
+        "-n",
+        namespace,
+        "patch",
+        "shardedmodel",
+        model,
+        "--type=merge",
+        "-p",
+        '{"metadata":{"finalizers":null}}',
+    )
+    kubectl(kube, "-n", namespace, "delete", "shardedmodel", model, "--wait=false")
+
+
+@contextmanager
+def running(op: Operator) -> Iterator[Operator]:
+    op.start()
+    try:
+        yield op
+    finally:
+        op.stop()
+        print(op.tail())
+
+
+def train_subjects(n: int, offset: int = 0) -> list[str]:
+    """``n`` subjects of the digits training split (not the test split), stable order."""
+    table, _ = digits_table()
+    subs = sorted(
+        {s for s in table.column("subject_id").to_pylist() if not is_test_subject(s, TEST_FRACTION)}
+    )
+    assert offset + n <= len(subs)
+    return subs[offset : offset + n]
