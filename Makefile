@@ -38,7 +38,7 @@ test: venv kube-apiserver helm prometheus kuberay-crds
 	$(BIN)/ruff check trainer operator tests bench tools
 	$(BIN)/python -m pytest -q tests
 
-demo: venv
+demo: venv kube-apiserver
 	$(BIN)/lethe demo
 
 bench: venv

@@ -132,8 +132,7 @@ def main() -> int:
     p.add_argument("--shards", default="4,8,16")
     p.add_argument("--slices", default="1,4,8")
     p.add_argument("--k", type=int, default=8, help="subjects in the batched request")
-    p.add_argument("--singles", type=int, default=3,
-                   help="one-subject requests to average for K=1")
+    p.add_argument("--singles", type=int, default=3, help="one-subject requests to average for K=1")
     p.add_argument("--out", default=str(RESULTS / "latest.json"))
     p.add_argument("--quick", action="store_true", help="a tiny grid to check the harness")
     args = p.parse_args()
@@ -176,8 +175,7 @@ def main() -> int:
             {s for s in table.column("subject_id").to_pylist() if not is_test_subject(s, 0.2)}
         )
         rng = np.random.default_rng(5)
-        chosen = [str(s) for s in rng.choice(train_subjects, args.singles + args.k,
-                                             replace=False)]
+        chosen = [str(s) for s in rng.choice(train_subjects, args.singles + args.k, replace=False)]
         singles, batch = chosen[: args.singles], chosen[args.singles :]
 
         # The monolithic baseline, retrained on the data left after both erasures.

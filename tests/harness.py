@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -40,21 +39,9 @@ class Operator:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, **extra_env: str) -> None:
-        env = {
-            **os.environ,
-            "KUBECONFIG": self.kubeconfig,
-            "LETHE_RAY_PYTHON": sys.executable,
-            **self.env,
-            **extra_env,
-        }
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "lethe_operator", "--metrics-port", str(self.port)]
-                + list(self.args),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
+        self.proc = kubestack.spawn_operator(
+            self.kubeconfig, self.port, self.log, self.args, {**self.env, **extra_env}
+        )
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -83,14 +70,21 @@ def get(kube: kubestack.KubeState, kind: str, name: str, namespace: str = "defau
     return json.loads(r.stdout)
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 240, every: float = 1.0) -> Any:
+def wait_for(
+    what: str,
+    check: Callable[[], Any],
+    timeout: float = 240,
+    every: float = 1.0,
+    state: Callable[[], Any] | None = None,
+) -> Any:
+    """Poll ``check`` until it returns something true; ``state`` describes the failure."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         got = check()
         if got:
             return got
         time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}" + (f": {state()}" if state else ""))
 
 
 def phase(kube: kubestack.KubeState, name: str, namespace: str = "default") -> str:

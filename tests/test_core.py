@@ -59,7 +59,7 @@ def test_config_validation_names_the_field() -> None:
     assert cfg.trainer.epochs_per_slice(8) == pytest.approx(2.0)
 
 
-def _gen(rows: list[list[int]], secs: float = 10.0) -> Generation:
+def _gen(rows: list[list[int]], secs: float = 10.0, overhead: float = 0.0) -> Generation:
     cfg = ModelConfig("m", len(rows), len(rows[0]), TrainerConfig(epochs=9))
     shards = []
     for k, rs in enumerate(rows):
@@ -73,6 +73,7 @@ def _gen(rows: list[list[int]], secs: float = 10.0) -> Generation:
                     for r, (f, lin) in enumerate(zip(files, lins, strict=True))
                 ],
                 secs,
+                overhead,
             )
         )
     return Generation(1, None, cfg, shards, FileRef("t", "t", 5))
@@ -97,6 +98,14 @@ def test_cost_estimate_matches_the_sisa_formula() -> None:
     assert ideal_speedup(16, 8) == pytest.approx(16 * 24 / 17)
     assert expected_shards_touched(8, 8) == pytest.approx(8 * (1 - (7 / 8) ** 8))
     assert math.isclose(expected_shards_touched(1, 5), 1.0)
+
+
+def test_cost_estimate_charges_each_run_its_fixed_start_up() -> None:
+    # Every run, the full retrain's included, pays Ray's start-up: with 8 s of it a
+    # shard, one shard's retrain is 10 + 8 s and the monolithic retrain 40 + 8 s.
+    est = estimate_cost(_gen([[10] * 8] * 4, overhead=8.0), {1: 0, 2: 0})
+    assert est.retrain_seconds == pytest.approx(2 * (10.0 + 8.0))
+    assert est.full_seconds == pytest.approx(40.0 + 8.0)
 
 
 def test_manifest_round_trip_and_successor() -> None:
@@ -141,3 +150,13 @@ def test_subjects_file(tmp_path) -> None:
         read_subjects_file(str(f))
     with pytest.raises(UsageError, match="not found"):
         read_subjects_file(str(tmp_path / "missing.txt"))
+
+
+def test_ray_reason_keeps_what_failed_and_the_last_error() -> None:
+    from lethe_operator.control import ray_reason
+
+    log = "Job entrypoint command failed with exit code 1, last logs:\n" + "noise\n" * 500
+    got = ray_reason(log + "RuntimeError: injected training failure\n")
+    assert got.startswith("Job entrypoint command failed with exit code 1")
+    assert got.endswith("RuntimeError: injected training failure") and len(got) <= 600
+    assert ray_reason("STOPPED by user") == "STOPPED by user"

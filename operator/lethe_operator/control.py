@@ -17,6 +17,7 @@ import base64
 import datetime as dt
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +39,17 @@ from lethe_operator.raylaunch import Launcher, RayJobs
 GROUP, VERSION = "lethe.dev", "v1alpha1"
 MODELS, REQUESTS = "shardedmodels", "erasurerequests"
 FINISHED = ("Succeeded", "Failed")
+KILL_ENV = "LETHE_OPERATOR_KILL_AT"  # fault injection for the restart tests
+RETRY_BACKOFF_SECONDS = 5.0  # before a failed Ray job's next attempt; doubles each time
 log = logging.getLogger("lethe.operator")
+
+
+def kill_point(name: str) -> None:
+    """Die here as ``kill -9`` would make us, when the restart tests ask for it: state
+    must live in Kubernetes and S3, never in this process."""
+    if os.environ.get(KILL_ENV) == name:
+        log.warning("%s=%s: SIGKILL", KILL_ENV, name)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def now_iso() -> str:
@@ -123,14 +134,23 @@ class ModelContext:
     def ray(self, owners: list[dict[str, Any]] | None = None) -> Launcher:
         """Where this model's Ray jobs run: an existing cluster's Jobs API, or KubeRay
         RayJobs (``owners``: the objects a RayJob belongs to, for garbage collection)."""
-        env = self.store.settings.env()
+        # the model's extra variables first: they must not override the S3 settings
+        env = {**self.spec["ray"].get("env", {}), **self.store.settings.env()}
         python = os.environ.get("LETHE_RAY_PYTHON", "python")
         ray = self.spec["ray"]
         if ray.get("address"):
             return RayJobs(ray["address"], env, python=python)
         from lethe_operator.kuberay import KubeRayJobs
 
-        return KubeRayJobs(self.namespace, ray["rayJob"], env, python=python, owners=owners or [])
+        return KubeRayJobs(
+            self.namespace,
+            ray["rayJob"],
+            env,
+            python=python,
+            owners=owners or [],
+            model=self.name,
+            credentials_secret=(self.spec["storage"].get("credentialsSecret") or {}).get("name"),
+        )
 
     def engine(self) -> Engine:
         return Engine(self.store, self.layout, trainer=None)
@@ -203,13 +223,16 @@ def reconcile_model(body: dict[str, Any], events: Any) -> dict[str, Any]:
         events.info("Ingested", "dataset sharded and written to S3 (generation 1)")
         live = read_live(ctx.store, ctx.layout).generation
     adopt_checkpoints(ctx.store, ctx.layout, live, range(len(live.shards)))
-    if pending_slices(live):
+    # A quarantined shard whose data an erasure has patched is untrained until the
+    # erasure's own retrain: only an erasure batch trains it, never a train job.
+    untrained = set(pending_slices(live)) - set(live.quarantined_shards)
+    if untrained and not status.get("activeBatch"):
         attempt = int(status.get("trainAttempt", 0))
         job = ctx.ray(owners=[body]).ensure(
             f"lethe-train-{body['metadata']['uid']}-{attempt}",
             ["train", "--model-prefix", ctx.layout.prefix],
         )
-        if job.status == "FAILED":
+        if job.status in ("FAILED", "STOPPED"):
             if attempt < int(ctx.spec["ray"].get("maxRetries", 3)):
                 status["trainAttempt"] = attempt + 1
             else:
@@ -243,6 +266,7 @@ def reconcile_model(body: dict[str, Any], events: Any) -> dict[str, Any]:
         f"shards {q} quarantined" if q else "",
         observed,
     )
+    metrics.track(ctx.namespace, ctx.name)  # series from 0, so increase() sees the 1st erasure
     metrics.quarantined.labels(ctx.namespace, ctx.name).set(len(q))
     status.update(
         {
@@ -304,13 +328,31 @@ def run_batches(
     unfinished = [r for r in requests if (r.get("status") or {}).get("phase") not in FINISHED]
     metrics.pending.labels(ctx.namespace, ctx.name).set(len(unfinished))
     deadline = int(policy.get("deadlineSeconds", 30 * 86400))
-    if unfinished:
-        left = min(
+    # nothing pending: a request arriving now would have the whole deadline (never stale)
+    left = min(
+        (
             parse_time(r["metadata"]["creationTimestamp"]) + deadline - time.time()
             for r in unfinished
-        )
-        metrics.deadline_left.labels(ctx.namespace, ctx.name).set(left)
+        ),
+        default=float(deadline),
+    )
+    metrics.deadline_left.labels(ctx.namespace, ctx.name).set(left)
     if not active:
+        retry = _due_failed_batch(status, int(policy.get("retryFailedAfterSeconds", 600)))
+        if retry is not None:
+            status["failedBatches"] = [
+                b for b in status.get("failedBatches", []) if b["id"] != retry["id"]
+            ]
+            attempt = int(retry.get("attempt", 0)) + 1
+            status["activeBatch"] = {
+                "id": retry["id"],
+                "attempt": attempt,
+                "firstAttempt": attempt,
+                "requests": retry["requests"],
+                "started": time.time(),
+            }
+            events.info("BatchRetry", f"retraining a failed batch again (attempt {attempt + 1})")
+            return status
         if not waiting:
             return status
         oldest = min(parse_time(r["metadata"]["creationTimestamp"]) for r in waiting)
@@ -326,6 +368,7 @@ def run_batches(
         status["activeBatch"] = {
             "id": batch_id(ctx.model_id, reqs),
             "attempt": 0,
+            "firstAttempt": 0,
             "requests": [r["metadata"]["name"] for r in chosen],
             "started": time.time(),
         }
@@ -340,6 +383,11 @@ def advance_batch(
     active = dict(status["activeBatch"])
     by_name = {r["metadata"]["name"]: r for r in requests}
     members = [by_name[n] for n in active["requests"] if n in by_name]
+    if not members:  # all deleted (their TTL) while the batch waited for a retry
+        events.warning("BatchDropped", "no request of the batch is left; shards stay quarantined")
+        status.pop("activeBatch", None)
+        return status
+    kill_point("batched")
     reqs = [_as_request(r) for r in members]
     engine = ctx.engine()
     result = engine.result_of(reqs)
@@ -347,6 +395,7 @@ def advance_batch(
         requested_at = min(parse_time(r["metadata"]["creationTimestamp"]) for r in members)
         plan = engine.prepare(reqs, requested_at)
         release_holds(ctx.store, ctx.layout, {_holder(r.uid) for r in reqs})
+        kill_point("erased")
         for r in members:
             st = r.get("status") or {}
             if st.get("batchId") != plan.batch_id:
@@ -363,45 +412,88 @@ def advance_batch(
                     {"phase": "DataErased", "batchId": plan.batch_id, "conditions": conds},
                 )
         if not engine.committed(plan):
+            if time.time() < float(active.get("retryAt", 0)):  # backing off after a failure
+                return status
             attempt = int(active.get("attempt", 0))
             job_id = f"lethe-{plan.batch_id}-{attempt}"
             job = ctx.ray(owners=members).ensure(
                 job_id, ["retrain", "--model-prefix", ctx.layout.prefix, "--batch", plan.batch_id]
             )
             if job.status == "FAILED" or job.status == "STOPPED":
-                if attempt < int(ctx.spec["ray"].get("maxRetries", 3)):
+                tries = attempt - int(active.get("firstAttempt", 0))
+                if tries < int(ctx.spec["ray"].get("maxRetries", 3)):
                     active["attempt"] = attempt + 1
+                    active["retryAt"] = time.time() + min(300.0, RETRY_BACKOFF_SECONDS * 2**tries)
                     events.warning("RetrainRetry", f"Ray job {job_id} failed; retrying")
                     status["activeBatch"] = active
                     return status
                 _fail(
                     members,
                     "RetrainFailed",
-                    f"Ray job {job_id}: {job.message[:400]} (data "
+                    f"Ray job {job_id}: {ray_reason(job.message)} (data "
                     "erased; shards stay quarantined until a later retrain succeeds)",
                     ctx,
                 )
-                events.warning("RetrainFailed", f"batch failed after {attempt + 1} attempt(s)")
+                events.warning("RetrainFailed", f"batch failed after {tries + 1} attempt(s)")
                 status.pop("activeBatch", None)
+                status["failedBatches"] = [
+                    *status.get("failedBatches", []),
+                    {
+                        "id": active["id"],
+                        "attempt": attempt,
+                        "failedAt": time.time(),
+                        "requests": active["requests"],
+                    },
+                ]
                 return status
             if job.status != "SUCCEEDED":
+                kill_point("submitted")
                 for r in members:
-                    if (r.get("status") or {}).get("phase") != "Retraining":
-                        _patch_request(
-                            r["metadata"]["namespace"],
-                            r["metadata"]["name"],
-                            {"phase": "Retraining", "rayJobId": job_id},
+                    st = r.get("status") or {}
+                    if st.get("phase") == "Retraining" and st.get("rayJobId") == job_id:
+                        continue
+                    change: dict[str, Any] = {"phase": "Retraining", "rayJobId": job_id}
+                    if st.get("phase") == "Failed":  # a failed batch, retried: not failed now
+                        change.update(reason=None, message=None, finishedAt=None)
+                        change["conditions"] = set_condition(
+                            st.get("conditions", []), "Failed", False, "Retrying", job_id
                         )
+                    _patch_request(r["metadata"]["namespace"], r["metadata"]["name"], change)
                 status["activeBatch"] = active
                 return status
-            metrics.retrain_duration.labels(ctx.namespace, ctx.name).observe(
-                time.time() - float(active.get("started", time.time()))
-            )
+        # The Ray job commits the retrained shards itself, so "committed" is usually
+        # what a tick sees first, before the job reports SUCCEEDED.
+        kill_point("retrained")
+        metrics.retrain_duration.labels(ctx.namespace, ctx.name).observe(
+            time.time() - float(active.get("started", time.time()))
+        )
         result = engine.finish(plan)
+        kill_point("certified")
     _succeed(members, result, ctx)
     events.info("BatchSucceeded", f"{len(members)} request(s) erased, retrained, certified")
     status.pop("activeBatch", None)
     return status
+
+
+def ray_reason(message: str, limit: int = 600) -> str:
+    """Ray's message for a status: its first line (what failed) and the end of the
+    rest (the job's last log lines: the error that ended it), whitespace collapsed."""
+    first, _, rest = message.strip().partition("\n")
+    first, rest = " ".join(first.split())[:150], " ".join(rest.split())
+    tail = limit - len(first) - 5
+    return first if not rest else f"{first} ... {rest[-tail:]}"
+
+
+def _due_failed_batch(status: dict[str, Any], after_seconds: int) -> dict[str, Any] | None:
+    """The oldest failed batch whose wait for another retry is over (None: none due)."""
+    if after_seconds <= 0:
+        return None
+    due = [
+        b
+        for b in status.get("failedBatches", [])
+        if time.time() - float(b.get("failedAt", 0)) >= after_seconds
+    ]
+    return min(due, key=lambda b: float(b.get("failedAt", 0)), default=None)
 
 
 def _fail(members: list[dict[str, Any]], reason: str, message: str, ctx: ModelContext) -> None:
@@ -447,6 +539,8 @@ def _succeed(members: list[dict[str, Any]], result: dict[str, Any], ctx: ModelCo
         conds = st.get("conditions", [])
         for t, reason in (("Retrained", "Committed"), ("Succeeded", "Certified")):
             conds = set_condition(conds, t, True, reason, "")
+        if any(c["type"] == "Failed" for c in conds):  # an earlier attempt had failed
+            conds = set_condition(conds, "Failed", False, "Retrained", "")
         lat = time.time() - created
         _patch_request(
             r["metadata"]["namespace"],
@@ -454,6 +548,7 @@ def _succeed(members: list[dict[str, Any]], result: dict[str, Any], ctx: ModelCo
             {
                 "phase": "Succeeded",
                 "reason": "Certified",
+                "message": None,
                 "certificate": cert,
                 "affectedRecords": records,
                 "latencySeconds": round(lat, 3),
@@ -469,6 +564,7 @@ def _succeed(members: list[dict[str, Any]], result: dict[str, Any], ctx: ModelCo
         )
         metrics.latency.labels(*labels).observe(lat)
         metrics.requests_total.labels(*labels, "succeeded").inc()
+        kill_point("reported")
 
 
 def store_uri(ctx: ModelContext, key: str) -> str:
@@ -516,6 +612,7 @@ def accept_request(body: dict[str, Any], events: Any) -> dict[str, Any]:
     live = read_live(ctx.store, ctx.layout).generation
     shards = resolve_shards(ctx.store, live, subjects, records)
     hold_shards(ctx.store, ctx.layout, _holder(meta["uid"]), shards)
+    kill_point("accepted")
     forget = time.time() - parse_time(meta["creationTimestamp"])
     metrics.time_to_forget.labels(ctx.namespace, ctx.name).observe(max(forget, 0.0))
     events.info("Quarantined", f"{len(shards)} shard(s) out of service")

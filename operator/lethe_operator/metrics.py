@@ -49,6 +49,33 @@ pending = Gauge("lethe_pending_requests", "Requests accepted and not finished", 
 quarantined = Gauge("lethe_quarantined_shards", "Shards out of service", LABELS)
 deadline_left = Gauge(
     "lethe_nearest_deadline_seconds",
-    "Seconds left to the nearest deadline of a pending request",
+    "Seconds left to the nearest deadline of a pending request "
+    "(the policy's whole deadline when none is pending)",
     LABELS,
 )
+
+_PER_MODEL = (
+    time_to_forget,
+    latency,
+    retrain_duration,
+    cpu_seconds,
+    gpu_seconds,
+    cost_usd,
+    full_retrain_usd,
+    shards_retrained,
+    slices_retrained,
+    records_erased,
+)
+
+
+def track(namespace: str, model: str) -> None:
+    """Create a model's series at zero before its first erasure.
+
+    Prometheus' increase()/rate() cannot see the jump of a series that appears with its
+    first value already counted, so a model's first erasure would read as 0 USD and its
+    latency quantiles as NaN. Touching every child once makes them start from 0.
+    """
+    for m in _PER_MODEL:
+        m.labels(namespace, model)
+    for result in ("succeeded", "failed"):
+        requests_total.labels(namespace, model, result)

@@ -216,7 +216,7 @@ def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     from lethe.demo import run_demo
 
-    return run_demo(json_mode=args.json, keep=args.keep)
+    return run_demo(json_mode=args.json, keep=args.keep, engine=args.engine)
 
 
 def cmd_dev(args: argparse.Namespace) -> dict[str, Any]:
@@ -320,6 +320,9 @@ def parser() -> argparse.ArgumentParser:
         parents=[common], name="demo", help="the embedded default: digits, one erasure, verified"
     )
     s.add_argument("--keep", action="store_true", help="leave the local stack running")
+    s.add_argument(
+        "--engine", action="store_true", help="erase with the engine in-process (no Kubernetes)"
+    )
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser(

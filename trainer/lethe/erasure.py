@@ -576,8 +576,9 @@ def manifests_referencing(store: Store, layout: ModelLayout, keys: set[str], liv
     return out
 
 
-def resolve_shards(store: Store, gen: Generation, subjects: Iterable[str],
-                   records: Iterable[str]) -> list[int]:
+def resolve_shards(
+    store: Store, gen: Generation, subjects: Iterable[str], records: Iterable[str]
+) -> list[int]:
     """The training shards that hold any of these subjects or records. Subjects hash to
     their shard; record ids are looked up in the index files (ids only, no features)."""
     cfg = gen.config
@@ -616,8 +617,9 @@ def release_holds(store: Store, layout: ModelLayout, holders: set[str]) -> Gener
         if not any(h in holders for hs in g.quarantine.values() for h in hs):
             return None
         nxt = g.successor("release holds")
-        nxt.quarantine = {k: [h for h in hs if h not in holders]
-                          for k, hs in nxt.quarantine.items()}
+        nxt.quarantine = {
+            k: [h for h in hs if h not in holders] for k, hs in nxt.quarantine.items()
+        }
         return nxt
 
     return update(store, layout, change).generation

@@ -187,9 +187,14 @@ def start_ray(state: Path, num_cpus: int | None) -> tuple[str, str, int]:
         f"--num-cpus={num_cpus or os.cpu_count() or 2}",
     ]
     # Ports of our own, so that two stacks (tests, a demo, `lethe dev`) never collide.
-    for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                 "metrics-export-port", "runtime-env-agent-port", "node-manager-port",
-                 "object-manager-port"):
+    for flag in (
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "metrics-export-port",
+        "runtime-env-agent-port",
+        "node-manager-port",
+        "object-manager-port",
+    ):
         cmd.append(f"--{flag}={free_port()}")
     log = state / "ray.log"
     # Ray jobs run `python -m lethe.jobs`: put this virtualenv first on the head's PATH.

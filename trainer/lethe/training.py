@@ -293,14 +293,19 @@ def train_model(
     adopt_checkpoints(store, layout, gen, range(len(gen.shards)))
     todo = pending_slices(gen)
     runs = trainer.train(gen.config, shard_tasks(layout, gen, todo, f"{gen.config.name}-train"))
-    seconds = {r.shard: r.train_seconds for r in runs if r.first_slice == 0}
+    seconds = {
+        r.shard: (r.train_seconds, max(0.0, r.wall_seconds - r.train_seconds))
+        for r in runs
+        if r.first_slice == 0
+    }
 
     def change(g: Generation) -> Generation | None:
         nxt = g.successor("train")
         changed = adopt_checkpoints(store, layout, nxt, range(len(nxt.shards)))
-        for k, s in seconds.items():
-            if nxt.shards[k].train_seconds != s:
-                nxt.shards[k].train_seconds = s
+        for k, (train, overhead) in seconds.items():
+            shard = nxt.shards[k]
+            if (shard.train_seconds, shard.overhead_seconds) != (train, overhead):
+                shard.train_seconds, shard.overhead_seconds = train, overhead
                 changed = True
         if evaluate and (changed or g.accuracy is None):
             nxt.accuracy = ensemble_accuracy(store, nxt)

@@ -50,6 +50,9 @@ class ShardState:
     index: FileRef
     slices: list[SliceState]
     train_seconds: float = 0.0  # in-worker training time of the last full run (cost estimates)
+    # wall time of that run minus its training: Ray's fixed start-up, which every run
+    # pays, a full retrain included (cost estimates)
+    overhead_seconds: float = 0.0
 
     @property
     def rows(self) -> int:
@@ -74,6 +77,7 @@ class ShardState:
             "index": self.index.to_json(),
             "slices": [s.to_json() for s in self.slices],
             "train_seconds": self.train_seconds,
+            "overhead_seconds": self.overhead_seconds,
         }
 
     @classmethod
@@ -82,6 +86,7 @@ class ShardState:
             FileRef.from_json(d["index"]),
             [SliceState.from_json(s) for s in d["slices"]],
             float(d.get("train_seconds", 0.0)),
+            float(d.get("overhead_seconds", 0.0)),
         )
 
 
@@ -139,7 +144,7 @@ class Generation:
                 else None
             )
             slices.append(SliceState(f, lin, kept))
-        self.shards[k] = ShardState(index, slices, old.train_seconds)
+        self.shards[k] = ShardState(index, slices, old.train_seconds, old.overhead_seconds)
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -152,7 +152,11 @@ def slice_work(rows_per_slice: list[int], epochs_per_slice: float, start: int) -
 
 def estimate_cost(gen: Generation, first_slices: dict[int, int]) -> CostEstimate:
     """Retrain cost of the affected shards against a full retrain of one monolithic
-    model on all data (e epochs), in work units and in seconds."""
+    model on all data (e epochs), in work units and in seconds.
+
+    Seconds are what a bill charges: training at the model's recorded rate plus the
+    fixed start-up of a run (measured when the shards were trained), once per shard
+    run for the retrain and once for the full retrain."""
     cfg = gen.config
     eps = cfg.trainer.epochs_per_slice(cfg.slices)
     full_rows = sum(s.rows for s in gen.shards)
@@ -171,7 +175,14 @@ def estimate_cost(gen: Generation, first_slices: dict[int, int]) -> CostEstimate
             retrain_work += part
             retrain_seconds += shard.train_seconds * (part / whole if whole else 0.0)
     rate = total_sisa_seconds / total_sisa_work if total_sisa_work else 0.0
-    return CostEstimate(retrain_work, full_work, retrain_seconds, full_work * rate)
+    # the least any shard run paid: runs that queued for a free slot paid more
+    overhead = min((s.overhead_seconds for s in gen.shards), default=0.0)
+    return CostEstimate(
+        retrain_work,
+        full_work,
+        retrain_seconds + overhead * len(first_slices),
+        full_work * rate + overhead,
+    )
 
 
 def expected_shards_touched(shards: int, requests: int) -> float:
@@ -193,8 +204,9 @@ def parse_id_lines(text: str, source: str) -> list[str]:
         if not s or s.startswith("#"):
             continue
         if any(c.isspace() or not c.isprintable() for c in s):
-            raise ValueError(f"{source}, line {n}: an id must be one token without spaces "
-                             "or control characters")
+            raise ValueError(
+                f"{source}, line {n}: an id must be one token without spaces or control characters"
+            )
         out.append(s)
     if not out:
         raise ValueError(f"{source}: names no subject")
