@@ -298,7 +298,8 @@ def render(r: dict[str, Any]) -> str:
         f"| engine's own erasure (Engine.erase, same model and subjects), median "
         f"| {one['engine_erase_median_s']} s |",
         f"| **operator overhead** (difference of the medians) | {one['operator_overhead_s']} s |",
-        f"| of which inside the Ray job (its wall time, median) | {one['ray_job_median_s']} s |",
+        f"| the retrain's Ray job, wall time (driver start-up, retrain, commit), median "
+        f"| {one['ray_job_median_s']} s |",
     ]
     for mode in ("off", "on"):
         t = tp[mode]

@@ -25,7 +25,7 @@ from typing import Any
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
-from lethe.checkpoints import adopt_checkpoints, pending_slices
+from lethe.checkpoints import pending_slices
 from lethe.core.config import Columns, ModelConfig, Prices, TrainerConfig
 from lethe.core.plan import ErasureRequest, parse_id_lines
 from lethe.erasure import Engine, batch_id, hold_shards, release_holds, resolve_shards
@@ -222,7 +222,8 @@ def reconcile_model(body: dict[str, Any], events: Any) -> dict[str, Any]:
         ingest_table(ctx.store, ctx.layout, load_dataset(ctx), ctx.config())
         events.info("Ingested", "dataset sharded and written to S3 (generation 1)")
         live = read_live(ctx.store, ctx.layout).generation
-    adopt_checkpoints(ctx.store, ctx.layout, live, range(len(live.shards)))
+    # Only the committed generation counts: checkpoints a train job wrote but has not
+    # committed yet (with the accuracy) do not make the model Ready.
     # A quarantined shard whose data an erasure has patched is untrained until the
     # erasure's own retrain: only an erasure batch trains it, never a train job.
     untrained = set(pending_slices(live)) - set(live.quarantined_shards)

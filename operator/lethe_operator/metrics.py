@@ -28,7 +28,7 @@ latency = Histogram(
 )
 retrain_duration = Histogram(
     "lethe_retrain_duration_seconds",
-    "Wall time of one batch's retrain (Ray job)",
+    "A batch formed to its shards retrained and committed (Ray job start-up included)",
     LABELS,
     buckets=LATENCY_BUCKETS,
 )

@@ -342,11 +342,9 @@ def parser() -> argparse.ArgumentParser:
 def _disconnect_ray() -> None:
     """Ray's driver prints raylet warnings to stdout whenever they arrive; disconnect
     first so that the JSON object really is the last line."""
-    if "ray" in sys.modules:
-        import ray
+    from lethe.localstack import disconnect_ray
 
-        if ray.is_initialized():
-            ray.shutdown()
+    disconnect_ray()
     sys.stdout.flush()
 
 

@@ -81,7 +81,7 @@ def run_demo(json_mode: bool = False, keep: bool = False, engine: bool = False) 
         tag = time.strftime("%Y%m%d-%H%M%S")
         step(
             f"{table.num_rows} digit images of {PEOPLE} people, "
-            f"{SHARDS} shards x {SLICES} slices; person {subject!r} owns 40 of them"
+            f"{SHARDS} shards x {SLICES} slices; the person to erase owns 40 of them"
         )
         if engine:
             erased = _erase_with_engine(console, step, store, table, subject, tag)
@@ -209,7 +209,7 @@ def _erase_through_operator(step: Any, store: Store, state_dir: Path, tag: str) 
         train_seconds = time.time() - t0
         layout = ModelLayout.of(f"default.{name}", spec["storage"]["prefix"])
         accuracy_before = read_live(store, layout).generation.accuracy
-        step(f"trained in {train_seconds:.1f}s, test accuracy {accuracy_before:.3f}")
+        step(f"trained in {train_seconds:.1f}s, test accuracy {accuracy_before}")
 
         request = EXAMPLES / "erasurerequest-subjects.yaml"
         req_name = yaml.safe_load(request.read_text())["metadata"]["name"]

@@ -256,11 +256,22 @@ def _stop(pid: int) -> None:
             time.sleep(0.2)
 
 
+def disconnect_ray() -> None:
+    """End this process's Ray driver connection, if it has one. Do it before the head
+    goes away: ``ray.shutdown()`` after that hangs."""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
 def down(state_dir: Path = DEFAULT_STATE) -> bool:
     f = state_dir / "stack.json"
     if not f.exists():
         return False
     st = json.loads(f.read_text())
+    disconnect_ray()
     for key in ("ray_pid", "weed_pid"):
         _stop(int(st[key]))
     f.unlink()
