@@ -144,10 +144,4 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> kubestack.KubeState:
 def kubectl(
     kube: kubestack.KubeState, *args: str, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["kubectl", "--kubeconfig", kube.kubeconfig, *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return kubestack.kubectl(kube.kubeconfig, *args, stdin=stdin)

@@ -66,7 +66,6 @@ import copy
 import hashlib
 import logging
 import re
-import shlex
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -74,7 +73,7 @@ import yaml
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
-from lethe_operator.raylaunch import JobStatus, RayUnavailable
+from lethe_operator.raylaunch import JobStatus, RayUnavailable, job_entrypoint
 
 GROUP, VERSION, PLURAL, KIND = "ray.io", "v1", "rayjobs", "RayJob"
 MAX_NAME = 47  # KubeRay's MaxRayJobNameLength (MaxRayClusterNameLength 53 - 6)
@@ -265,9 +264,8 @@ class KubeRayJobs:
         ):
             if value and label_value(value):
                 labels[key] = value
-        entrypoint = " ".join(shlex.quote(a) for a in [self.python, "-m", "lethe.jobs", *args])
         spec: dict[str, Any] = {
-            "entrypoint": entrypoint,
+            "entrypoint": job_entrypoint(self.python, args),
             "jobId": submission_id,
             "runtimeEnvYAML": yaml.safe_dump({"env_vars": dict(sorted(self.env.items()))}),
         }

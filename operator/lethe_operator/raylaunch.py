@@ -31,6 +31,11 @@ class JobStatus:
         return self.status in TERMINAL
 
 
+def job_entrypoint(python: str, args: list[str]) -> str:
+    """The shell command of a Lethe Ray job: ``python -m lethe.jobs ARGS``."""
+    return " ".join(shlex.quote(a) for a in [python, "-m", "lethe.jobs", *args])
+
+
 class Launcher(Protocol):
     """Runs ``python -m lethe.jobs ARGS`` as a Ray job with a deterministic id."""
 
@@ -75,12 +80,11 @@ class RayJobs:
         existing = self.status(submission_id)
         if existing is not None:
             return existing
-        entrypoint = " ".join(shlex.quote(a) for a in [self.python, "-m", "lethe.jobs", *args])
         self._call(
             "POST",
             "/api/jobs/",
             {
-                "entrypoint": entrypoint,
+                "entrypoint": job_entrypoint(self.python, args),
                 "submission_id": submission_id,
                 "runtime_env": {"env_vars": self.env},
                 "metadata": {"app": "lethe"},

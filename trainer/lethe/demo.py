@@ -160,13 +160,9 @@ def _erase_with_engine(
 
 
 def _kubectl(kubeconfig: str, *args: str, stdin: str | None = None) -> str:
-    r = subprocess.run(
-        ["kubectl", "--kubeconfig", kubeconfig, *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    from lethe.kubestack import kubectl
+
+    r = kubectl(kubeconfig, *args, stdin=stdin)
     if r.returncode != 0:
         raise RuntimeError(f"kubectl {' '.join(args)}: {r.stderr.strip()}")
     return r.stdout

@@ -72,6 +72,19 @@ def _signing_key(pki: Path) -> tuple[Path, Path]:
     return priv, pub
 
 
+def kubectl(
+    kubeconfig: str | Path, *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run kubectl against this stack (the demo, the tests)."""
+    return subprocess.run(
+        ["kubectl", "--kubeconfig", str(kubeconfig), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def _kubectl_ok(kubeconfig: Path) -> bool:
     r = subprocess.run(
         ["kubectl", "--kubeconfig", str(kubeconfig), "get", "--raw", "/readyz"],
