@@ -85,6 +85,32 @@ class ModelLayout:
     def certificate(self, request_uid: str) -> str:
         return self._k(f"certificates/{request_uid}.json")
 
+    def certificate_chain(self, sequence: int) -> str:
+        """The model's append-only certificate log: entry n is the n-th certificate."""
+        return self._k(f"certificates/chain/{sequence:08d}.json")
+
+    @property
+    def certificate_chain_prefix(self) -> str:
+        return self._k("certificates/chain/")
+
+    def tombstone(self, sha: str) -> str:
+        """Written before a file holding erased rows is purged: nothing may recreate
+        it, and no checkpoint trained on it may be kept or committed."""
+        return self._k(f"tombstones/{sha}.json")
+
+    @property
+    def tombstones_prefix(self) -> str:
+        return self._k("tombstones/")
+
+    def claim(self, shard: int, lineage: str) -> str:
+        """A lease on training one shard up to this (final-slice) lineage."""
+        return self._k(f"claims/shard={shard}/{lineage}.json")
+
+    @property
+    def owner(self) -> str:
+        """Who owns this layout (a ShardedModel's UID), written once at ingest."""
+        return self._k("OWNER.json")
+
 
 def sha_of_key(key: str) -> str:
     """The content hash a content-addressed key carries in its file name."""
