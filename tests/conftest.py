@@ -18,6 +18,8 @@ import pyarrow as pa
 import pytest
 
 from lethe import kubestack, localstack
+from lethe.certs import Keys
+from lethe.cli import ensure_dev_keys
 from lethe.core.config import ModelConfig, TrainerConfig
 from lethe.core.hashing import is_test_subject, shard_of, slice_of
 from lethe.ingest import ingest_table
@@ -32,8 +34,16 @@ _names = itertools.count()
 def stack(tmp_path_factory: pytest.TempPathFactory) -> localstack.StackState:
     state = tmp_path_factory.mktemp("stack")
     st = localstack.up(state, bucket="lethe-test", num_cpus=2)
+    # the models' signing and HMAC keys, as `lethe dev up` makes them; subprocesses
+    # (the CLI, the operator, Ray jobs started from here) inherit LETHE_KEYS_DIR
+    os.environ["LETHE_KEYS_DIR"] = str(ensure_dev_keys(state))
     yield st
     localstack.down(state)
+
+
+@pytest.fixture(scope="session")
+def keys(stack: localstack.StackState) -> Keys:
+    return Keys.load(os.environ["LETHE_KEYS_DIR"])
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import pytest
 
 from lethe.cli import UsageError, read_subjects_file
 from lethe.core.config import ConfigError, ModelConfig, TrainerConfig
-from lethe.core.hashing import salted_hash, shard_of, slice_of, stable_id
+from lethe.core.hashing import keyed_hash, shard_of, slice_of, stable_id
 from lethe.core.lineage import lineage_hash, shard_lineages
 from lethe.core.manifest import FileRef, Generation, ShardState, SliceState
 from lethe.core.plan import estimate_cost, expected_shards_touched, ideal_speedup, slice_work
@@ -29,10 +29,10 @@ def test_shard_assignment_is_stable_and_spread() -> None:
     assert slice_of("alice", 1) == 0
 
 
-def test_salted_hash_depends_on_salt() -> None:
-    assert salted_hash("a", "x") != salted_hash("b", "x")
-    assert salted_hash("a", "x") == salted_hash("a", "x")
-    assert "x" not in salted_hash("a", "x")
+def test_keyed_hash_depends_on_key() -> None:
+    assert keyed_hash(b"a", "x") != keyed_hash(b"b", "x")
+    assert keyed_hash(b"a", "x") == keyed_hash(b"a", "x")
+    assert "x" not in keyed_hash(b"a", "x")
     assert stable_id("b", ["1", "2"]) == stable_id("b", ["1", "2"]) != stable_id("b", ["2", "1"])
 
 

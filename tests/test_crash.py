@@ -68,3 +68,6 @@ def test_crash_after_step_then_repeat(store: Store, trainer: RayTrainer, twins, 
     cert = store.get_json(next(iter(result["certificates"].values())))
     verdict = verify(store, cert)
     assert verdict.ok, verdict.failures
+    # the runs and their cost survive the crash: each run reported itself to S3
+    assert any(r["slices_trained"] for r in cert["shard_runs"]), cert["shard_runs"]
+    assert cert["cost"]["cpu_seconds"] > 0 and result["shards_retrained"] == 1

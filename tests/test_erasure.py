@@ -72,6 +72,7 @@ def test_one_erasure_end_to_end(store: Store, trainer: RayTrainer) -> None:
         "plan",
         "quarantine",
         "patch",
+        "purge-data",
         "retrain",
         "commit",
         "purge",
@@ -86,7 +87,7 @@ def test_one_erasure_end_to_end(store: Store, trainer: RayTrainer) -> None:
     raw = store.get(cert_key).decode()
     assert subject not in raw and "rec-" not in raw
     cert = json.loads(raw)
-    assert cert["status"] == "erased" and cert["generation_after"] == after.number
+    assert cert["outcome"] == "Erased" and cert["generation_after"] == after.number
     assert cert["timings"]["time_to_forget_seconds"] < cert["timings"]["erasure_seconds"]
     assert cert["cost"]["cpu_seconds"] > 0 and cert["cost"]["full_retrain_usd"] > 0
     verdict = verify(store, cert)
@@ -140,7 +141,7 @@ def test_batch_of_requests_shares_one_retrain(store: Store, trainer: RayTrainer)
     assert len(result["shard_runs"]) == 1  # one retrain for the whole batch
     assert result["records_erased"] == 6 + 6 + 2
     certs = {uid: store.get_json(key) for uid, key in result["certificates"].items()}
-    assert certs[requests[3].uid]["status"] == "nothing-to-erase"
+    assert certs[requests[3].uid]["outcome"] == "NothingHeld"
     assert certs[requests[2].uid]["records_erased"] == 2
     after = read_live(store, layout).generation
     assert rows_of(store, after, in_shard0[0]) == rows_of(store, after, in_shard0[1]) == 0
@@ -159,7 +160,10 @@ def test_subject_with_no_records_is_not_an_error(store: Store, trainer: RayTrain
     assert out["records_erased"] == 0 and out["shard_runs"] == []
     assert read_live(store, layout).generation.number == before
     cert = store.get_json(next(iter(out["certificates"].values())))
-    assert cert["status"] == "nothing-to-erase"
+    assert cert["outcome"] == "NothingHeld" and cert["held"]["subjects_unmatched"] == 1
+    assert "Nothing held" in cert["summary"] and "nothing held" in r.stderr
+    v = lethe_cli("verify", next(iter(out["certificates"].values())))
+    assert v.returncode == 0 and "Nothing held" in v.stderr
 
 
 def test_verify_catches_a_planted_leftover(store: Store, trainer: RayTrainer, tmp_path) -> None:
@@ -178,7 +182,7 @@ def test_verify_catches_a_planted_leftover(store: Store, trainer: RayTrainer, tm
     r1 = lethe_cli("verify", cert_key)
     assert r1.returncode == 1
     assert "deleted, but 1 version(s) remain" in r1.stderr
-    assert "erased record id(s)" in r1.stderr and old.key in r1.stderr
+    assert "erased id(s)" in r1.stderr and old.key in r1.stderr
     store.purge(old.key)
     # ... or under a new name, where no deleted-keys list would find it
     planted = layout.data(k, r, "0" * 64)

@@ -61,6 +61,26 @@ def _layout(args: argparse.Namespace) -> ModelLayout:
     return ModelLayout.of(args.model, args.prefix)
 
 
+def _keys_dir(args: argparse.Namespace) -> str:
+    import os
+
+    where = getattr(args, "keys", None) or os.environ.get("LETHE_KEYS_DIR")
+    if not where:
+        raise UsageError(
+            "no keys: pass --keys DIR or set LETHE_KEYS_DIR (create them with `lethe keys init`)"
+        )
+    return str(where)
+
+
+def _load_keys(args: argparse.Namespace) -> Any:
+    from lethe.certs import Keys, KeysError
+
+    try:
+        return Keys.load(_keys_dir(args))
+    except (KeysError, FileNotFoundError) as e:
+        raise UsageError(f"keys: {e}") from None
+
+
 def _trainer(args: argparse.Namespace, store: Store) -> Any:
     from lethe.training import RayTrainer
 
@@ -95,6 +115,8 @@ def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
             tuple(args.feature_columns.split(",")) if args.feature_columns else (),
         ),
         test_fraction=args.test_fraction,
+        source_uri=str(Path(args.data).resolve()),
+        source_format="csv" if args.data.endswith((".csv", ".txt")) else "parquet",
     )
     store = _store(args)
     store.ensure_bucket()
@@ -179,22 +201,59 @@ def cmd_erase(args: argparse.Namespace) -> dict[str, Any]:
         _trainer(args, store),
         evaluate=lambda g: ensemble_accuracy(store, g),
         progress=_progress,
+        keys=_load_keys(args),
     )
-    return engine.erase(requests)
+    result = engine.erase(requests)
+    for outcome in result.get("outcomes", {}).values():
+        if outcome["outcome"] == "NothingHeld":
+            err.print(
+                "[yellow]nothing held:[/yellow] none of the ids named was found in "
+                f"{args.model}; nothing was erased (the certificate says so)"
+            )
+    return result
 
 
 def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
+    from lethe.certs import load_public_key
     from lethe.verify import load_certificate, verify
 
     store = _store(args)
-    verdict = verify(store, load_certificate(store, args.certificate))
+    keys = _load_keys(args)
+    public = None
+    if args.public_key:
+        try:
+            public = load_public_key(Path(args.public_key).read_bytes())
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--public-key: {e}") from None
+    verdict = verify(
+        store,
+        load_certificate(store, args.certificate),
+        keys,
+        public_key=public,
+        bucket_wide=args.bucket_wide,
+        progress=not args.json,
+    )
     for f in verdict.failures:
         err.print(f"[red]FAIL[/red] {f}")
+    for n in verdict.notes:
+        err.print(f"[yellow]note[/yellow] {n}")
     if verdict.ok:
         err.print(f"[green]verified[/green]: {verdict.checks}")
     out = verdict.to_json()
     out["_exit"] = 0 if verdict.ok else 1
     return out
+
+
+def cmd_keys(args: argparse.Namespace) -> dict[str, Any]:
+    """``lethe keys init DIR``: a new Ed25519 signing key and HMAC key for a model."""
+    from lethe.certs import Keys
+
+    keys = Keys.generate()
+    try:
+        keys.save(args.dir)
+    except FileExistsError as e:
+        raise UsageError(f"{e} (keys are never overwritten)") from None
+    return {"keys": str(Path(args.dir).resolve()), "fingerprint": keys.fingerprint}
 
 
 def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
@@ -229,12 +288,23 @@ def cmd_dev(args: argparse.Namespace) -> dict[str, Any]:
         return {"stopped": kubestack.stop(state) | localstack.down(state)}
     st = localstack.up(state)
     env = st.env()
+    env["LETHE_KEYS_DIR"] = str(ensure_dev_keys(state))
     if not args.no_kube:
         kube = kubestack.read_state(state) or kubestack.start(state)
         env["KUBECONFIG"] = str(Path(kube.kubeconfig).resolve())
     env["LETHE_METRICS_URL"] = f"http://127.0.0.1:{args.metrics_port}/metrics"
     (state / "env").write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
     return {"state_dir": str(state), "env": str(state / "env"), **env}
+
+
+def ensure_dev_keys(state: Path) -> Path:
+    """The local stack's keys (``<state>/keys``), made once."""
+    from lethe.certs import Keys
+
+    where = state / "keys"
+    if not (where / "hmac-key").exists():
+        Keys.generate().save(where)
+    return where.resolve()
 
 
 def cmd_operator(args: argparse.Namespace) -> dict[str, Any]:
@@ -304,13 +374,24 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--subject", action="append", help="a subject id (repeatable)")
     s.add_argument("--record", action="append", help="a record id (repeatable)")
     s.add_argument("--subjects-file", help="a file of subject ids, one per line")
+    s.add_argument("--keys", help="the model's key directory (env LETHE_KEYS_DIR)")
     s.set_defaults(func=cmd_erase)
 
     s = sub.add_parser(
         parents=[common], name="verify", help="re-check an erasure certificate against S3"
     )
     s.add_argument("certificate", help="a local file, s3://bucket/key, or a key")
+    s.add_argument("--keys", help="the model's key directory (env LETHE_KEYS_DIR)")
+    s.add_argument("--public-key", help="the trusted public key (PEM); default: the one in --keys")
+    s.add_argument(
+        "--bucket-wide", action="store_true", help="scan the whole bucket, not only the model"
+    )
     s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser(parents=[common], name="keys", help="create a model's signing and HMAC keys")
+    s.add_argument("action", choices=["init"])
+    s.add_argument("dir", help="where to write signing-key.pem, hmac-key and public-key.pem")
+    s.set_defaults(func=cmd_keys)
 
     s = sub.add_parser(parents=[common], name="status", help="show the live generation of a model")
     s.add_argument("--model", required=True)

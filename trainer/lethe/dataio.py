@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lethe.core.hashing import salted_hash, sha256_hex
+from lethe.core.hashing import sha256_hex
 from lethe.core.manifest import FileRef
 from lethe.store import Store
 
@@ -58,12 +58,25 @@ def decode(body: bytes, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(io.BytesIO(body), columns=columns)
 
 
+class Tombstoned(ValueError):
+    """A write would recreate a file that was purged because it held erased records."""
+
+
 def write_content_addressed(
-    store: Store, table: pa.Table, key_for: Callable[[str], str]
+    store: Store,
+    table: pa.Table,
+    key_for: Callable[[str], str],
+    tombstone_for: Callable[[str], str] | None = None,
 ) -> FileRef:
+    """Write ``table`` under its content hash. With ``tombstone_for``, refuse to write
+    bytes that were once purged (the same bytes hold the same erased rows)."""
     body = encode(table)
     sha = sha256_hex(body)
     key = key_for(sha)
+    if tombstone_for is not None and store.exists(tombstone_for(sha)):
+        raise Tombstoned(
+            f"{key}: these exact bytes were purged by an erasure and may not be written again"
+        )
     if not store.exists(key):
         store.put(key, body)
     return FileRef(key, sha, table.num_rows)
@@ -83,10 +96,12 @@ def features_and_labels(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def hashed_mask(column: pa.ChunkedArray | pa.Array, salt: str, hashes: set[str]) -> np.ndarray:
-    """True where salted_hash(salt, value) is in hashes."""
+def hashed_mask(
+    column: pa.ChunkedArray | pa.Array, id_hash: Callable[[str], str], hashes: set[str]
+) -> np.ndarray:
+    """True where the keyed hash of the row's id is in ``hashes``."""
     values = column.to_pylist()
-    return np.fromiter((salted_hash(salt, v) in hashes for v in values), bool, len(values))
+    return np.fromiter((id_hash(str(v)) in hashes for v in values), bool, len(values))
 
 
 def drop_rows(table: pa.Table, mask: np.ndarray) -> pa.Table:

@@ -10,13 +10,24 @@ Every step is idempotent and keeps its progress in S3, never in this process:
   run skips past and the certificate reads its timings from.
 So a process killed at any point and started again with the same requests ends
 in the same state, and two processes erasing from one model never lose an update.
+
+What "erased" means here (see shared DESIGN.md, invariants):
+- the erased rows leave every data, index, test and source object, with every
+  version, in ``prepare`` (step "purge-data"), whether or not a retrain ever
+  succeeds; only checkpoints trained on them wait, out of service;
+- before a file is purged its tombstone is written: nothing may write those bytes
+  again (ingest, a patch), and no checkpoint trained on them is ever adopted;
+- a shard's retrain is claimed in S3 (a lease on its final lineage), so a second
+  writer waits for the first instead of training the same lineage again;
+- every Ray Train run reports its own resources under the batch, so a certificate's
+  runs and cost are right after any crash.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -25,17 +36,34 @@ from typing import Any, Protocol
 import numpy as np
 
 from lethe import dataio
-from lethe.checkpoints import adopt_checkpoints
+from lethe.certs import Keys
+from lethe.checkpoints import adopt_checkpoints, tombstoned_shas
 from lethe.core.config import ModelConfig
 from lethe.core.cost import ShardRun, total_cost
-from lethe.core.hashing import salted_hash, salted_hashes, shard_of, stable_id
+from lethe.core.hashing import key_id, shard_of, stable_id
 from lethe.core.manifest import FileRef, Generation
-from lethe.core.plan import ErasurePlan, ErasureRequest, RequestPlan, ShardPlan, estimate_cost
+from lethe.core.plan import (
+    NOTHING_HELD,
+    ErasurePlan,
+    ErasureRequest,
+    RequestPlan,
+    ShardPlan,
+    estimate_cost,
+)
 from lethe.generations import Live, read_live, update
 from lethe.layout import ModelLayout, sha_of_key
-from lethe.store import NotFound, Store
+from lethe.store import NotFound, PreconditionFailed, Store
 
-STEPS = ("plan", "quarantine", "patch", "retrain", "commit", "purge", "certify")
+STEPS = (
+    "plan",
+    "quarantine",
+    "patch",
+    "purge-data",
+    "retrain",
+    "commit",
+    "purge",
+    "certify",
+)
 CRASH_ENV = "LETHE_CRASH_AFTER"  # fault injection for the crash-and-repeat tests
 
 
@@ -51,6 +79,26 @@ class ErasureFailed(RuntimeError):
         self.reason = reason
 
 
+class IntegrityError(ErasureFailed):
+    """S3 contradicts what an erasure relies on (a live object holds erased rows)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("IntegrityError", message)
+
+
+def load_keys(keys: Keys | None) -> Keys:
+    """The model's keys, or those in $LETHE_KEYS_DIR (``lethe keys init`` makes them)."""
+    if keys is not None:
+        return keys
+    where = os.environ.get("LETHE_KEYS_DIR")
+    if not where:
+        raise ErasureFailed(
+            "NoKeys",
+            "no signing/HMAC keys: set LETHE_KEYS_DIR (create them with `lethe keys init`)",
+        )
+    return Keys.load(where)
+
+
 @dataclass
 class Engine:
     store: Store
@@ -60,6 +108,10 @@ class Engine:
     progress: Callable[[str, str], None] = lambda step, msg: None
     retries: int = 2
     retry_backoff_seconds: float = 2.0
+    keys: Keys | None = None  # the model's HMAC + signing keys (default: $LETHE_KEYS_DIR)
+    storage_backend: str | None = None  # for reclaiming deleted bytes (lethe.reclaim)
+    storage_admin: str | None = None  # e.g. the SeaweedFS master URL
+    claim_ttl_seconds: float = 60.0  # a retrain's lease on a lineage, renewed while it runs
     _tables: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -83,21 +135,35 @@ class Engine:
     def result_of(self, requests: list[ErasureRequest]) -> dict[str, Any] | None:
         if not requests:
             raise ValueError("no requests")
+        return self.result_of_batch(batch_id(self.model, requests))
+
+    def result_of_batch(self, batch: str) -> dict[str, Any] | None:
         try:
-            return self.store.get_json(self.layout.result(batch_id(self.model, requests)))
+            return self.store.get_json(self.layout.result(batch))
         except NotFound:
             return None
 
     def prepare(
-        self, requests: list[ErasureRequest], requested_at: float | None = None
+        self,
+        requests: list[ErasureRequest],
+        requested_at: float | None = None,
+        batch: str | None = None,
     ) -> ErasurePlan:
-        """Steps 1-4: resolve, plan, quarantine, patch. After this the data is gone."""
-        plan = self._plan(batch_id(self.model, requests), requests, requested_at or time.time())
+        """Steps 1-4 and the data purge: resolve, plan, quarantine, patch, then delete
+        every version of every object that held the erased rows. After this the data is
+        gone, whatever happens to the retrain. ``batch`` names the batch explicitly: a
+        batch is immutable once named, so an existing plan is used as it is."""
+        batch = batch or batch_id(self.model, requests)
+        plan = self._plan(batch, requests, requested_at or time.time())
         _crash_point("plan")
         if plan.record_hashes:
             self._once(plan, "quarantine", lambda: self._quarantine(plan))
             self._once(plan, "patch", lambda: self._patch(plan))
+            self._once(plan, "purge-data", lambda: self._purge_data(plan))
         return plan
+
+    def plan_exists(self, batch: str) -> bool:
+        return self.store.exists(self.layout.plan(batch))
 
     def load_plan(self, batch: str) -> ErasurePlan:
         return ErasurePlan.from_json(self.store.get_json(self.layout.plan(batch)))
@@ -112,7 +178,7 @@ class Engine:
         return not plan.record_hashes or self._marker(plan, "commit") is not None
 
     def finish(self, plan: ErasurePlan) -> dict[str, Any]:
-        """Steps 7-8: purge and certify."""
+        """Steps 7-8: purge what was trained on the erased rows, and certify."""
         if plan.record_hashes:
             if not self.committed(plan):
                 raise ErasureFailed("NotRetrained", f"batch {plan.batch_id} is not committed yet")
@@ -128,7 +194,9 @@ class Engine:
             pass
         self.progress("resolve", f"resolving {len(requests)} request(s)")
         gen = read_live(self.store, self.layout).generation
-        plan = make_plan(self.store, gen, batch, self.model, requests, requested_at)
+        plan = make_plan(
+            self.store, gen, batch, self.model, requests, requested_at, load_keys(self.keys)
+        )
         if not self.store.put_json_if_absent(key, plan.to_json()):
             plan = ErasurePlan.from_json(self.store.get_json(key))  # a concurrent twin won
         self.progress(
@@ -159,16 +227,17 @@ class Engine:
     # -- step 4: patch ---------------------------------------------------------------
     def _patch(self, plan: ErasurePlan) -> dict[str, Any]:
         hashes = set(plan.record_hashes)
+        id_hash = load_keys(self.keys).id_hash
         replaced: set[str] = set()
 
         def filtered(ref: FileRef, key_for: Callable[[str], str]) -> FileRef | None:
             table = self._table(ref)
-            mask = dataio.hashed_mask(table.column("record_id"), plan.salt, hashes)
+            mask = dataio.hashed_mask(table.column("record_id"), id_hash, hashes)
             if not mask.any():
                 return None
             replaced.add(ref.key)
             return dataio.write_content_addressed(
-                self.store, dataio.drop_rows(table, mask), key_for
+                self.store, dataio.drop_rows(table, mask), key_for, self.layout.tombstone
             )
 
         def change(g: Generation) -> Generation | None:
@@ -208,42 +277,253 @@ class Engine:
             self._tables[ref.key] = dataio.read_table(self.store, ref)
         return self._tables[ref.key]
 
+    # -- purge of the raw data (right after the patch) ---------------------------------
+    def _purge_data(self, plan: ErasurePlan) -> dict[str, Any]:
+        """Every version of every data, index and test object that holds an erased row,
+        every checkpoint trained on one, and every older manifest pointing at them.
+        Tombstones go first, so nothing can write those bytes back and no run that
+        trained on them can have its checkpoints adopted."""
+        live = read_live(self.store, self.layout).generation
+        live_keys = live.referenced_keys()
+        hashes = set(plan.record_hashes)
+        id_hash = load_keys(self.keys).id_hash
+        marker = self.layout.step(plan.batch_id, "purge-plan")
+        try:
+            tainted: set[str] = set(self.store.get_json(marker)["tainted"])
+        except NotFound:
+            tainted = set()
+        prefixes = [self.layout.eval_prefix] + [
+            p
+            for k in plan.affected_shards
+            for p in (self.layout.data_prefix(k), self.layout.index_prefix(k))
+        ]
+        for prefix in prefixes:
+            for key, version, is_marker in list(self.store.list_versions(prefix)):
+                if is_marker or key in tainted or not key.endswith(".parquet"):
+                    continue
+                ids = dataio.decode(self.store.get_version(key, version), ["record_id"])
+                if dataio.hashed_mask(ids.column("record_id"), id_hash, hashes).any():
+                    if key in live_keys:
+                        raise IntegrityError(f"live object {key} still holds erased records")
+                    tainted.add(key)
+        # Remember what was tainted before deleting it: a repeated purge can no longer
+        # find deleted files, but must still delete the checkpoints trained on them.
+        if not self.store.put_json_if_absent(marker, {"tainted": sorted(tainted)}):
+            tainted |= set(self.store.get_json(marker)["tainted"])
+        for key in sorted(tainted):
+            self.store.put_json_if_absent(
+                self.layout.tombstone(sha_of_key(key)), {"batch": plan.batch_id, "key": key}
+            )
+        deleted = self._delete(plan, tainted, live)
+        source = self._erase_from_source(plan)
+        storage = self._reclaim()
+        self.progress("purge-data", f"{len(deleted)} object(s) holding erased rows deleted")
+        return {
+            "deleted": sorted(deleted),
+            "tombstones": sorted(sha_of_key(k) for k in tainted),
+            "versions_deleted": sum(deleted.values()),
+            "source": source,
+            "storage": storage,
+        }
+
+    def _delete(self, plan: ErasurePlan, tainted: set[str], live: Generation) -> dict[str, int]:
+        """Delete (every version) the tainted files, the checkpoints trained on any
+        tombstoned file, and the manifests that point at either."""
+        live_keys = live.referenced_keys()
+        tombstones = tombstoned_shas(self.store, self.layout)
+        doomed = set(tainted)
+        for k in plan.affected_shards:
+            doomed |= tainted_checkpoints(self.store, self.layout, k, tombstones, live_keys)
+        doomed |= manifests_referencing(self.store, self.layout, doomed, live.number)
+        deleted: dict[str, int] = {}
+        for key in sorted(doomed):
+            if key in live_keys:
+                raise IntegrityError(f"refusing to purge live object {key}")
+            deleted[key] = self.store.purge(key)
+        return deleted
+
+    def _erase_from_source(self, plan: ErasurePlan) -> dict[str, Any]:
+        """Apply the model's source policy: ``patch`` rewrites the source object without
+        the erased rows and deletes its older versions; otherwise say what holds."""
+        from lethe.ingest import source_rows_without
+
+        cfg = read_live(self.store, self.layout).generation.config
+        policy, uri = cfg.source_policy, cfg.source_uri
+        if policy != "patch" or not uri.startswith("s3://"):
+            what = {
+                "delete-after-ingest": "deleted after ingest",
+                "patch": "not an S3 object: not erased by Lethe",
+            }.get(policy, "held outside Lethe: not erased by Lethe")
+            return {"policy": policy, "state": what}
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        src = self.store.for_bucket(bucket)
+        keys = load_keys(self.keys)
+        subjects = {h for r in plan.requests for h in r.subject_hashes}
+        records = set(plan.record_hashes) | {
+            h for r in plan.requests for h in r.requested_record_hashes
+        }
+        try:
+            body = src.get(key)
+        except NotFound:
+            return {"policy": policy, "state": "source object gone"}
+        new_body, removed = source_rows_without(body, cfg, keys.id_hash, subjects, records)
+        if removed:
+            version = src.put(key, new_body)
+            src.purge_older_versions(key, version)
+        else:
+            # no row here (any more): still drop older versions that may hold them
+            versions = src.versions_of(key)
+            current = next((v for v, m in versions if not m), None)
+            if current is not None and len(versions) > 1:
+                src.purge_older_versions(key, current)
+        return {"policy": policy, "state": "patched", "rows_removed": removed}
+
+    def _reclaim(self) -> dict[str, Any]:
+        """Ask the store to reclaim the bytes of what was just deleted, where it can."""
+        from lethe.reclaim import backend_from_env, backend_of, reclaim
+
+        backend, admin = backend_from_env(self.store.settings.endpoint)
+        if self.storage_backend:  # the model's own settings win over the environment
+            backend = backend_of(self.store.settings.endpoint, self.storage_backend)
+            admin = self.storage_admin
+        return reclaim(backend, admin or self.storage_admin).to_json()
+
     # -- steps 5 and 6: retrain and commit -------------------------------------------
     def _retrain_and_commit(self, plan: ErasurePlan) -> dict[str, Any]:
-        from lethe.training import shard_tasks
+        from lethe.training import StaleLineage, shard_tasks
 
         affected = plan.affected_shards
-        for _round in range(10):  # another batch may change a shard under us: retrain again
+        for _round in range(20):  # another batch may change a shard under us: retrain again
             gen = read_live(self.store, self.layout).generation
             adopt_checkpoints(self.store, self.layout, gen, affected)
             todo = {
                 k: r for k in affected if (r := gen.shards[k].first_untrained_slice()) is not None
             }
             if todo:
-                if self.trainer is None:
-                    raise ErasureFailed("NoTrainer", "retraining needs a trainer (Ray)")
-                tasks = shard_tasks(self.layout, gen, todo, f"{self.model}-{plan.batch_id}")
-                self.progress("retrain", f"retraining shard(s) {sorted(todo)} on Ray Train")
-                for run in self._train_with_retries(gen.config, tasks):
-                    self.store.put_json(
-                        self.layout.shard_run(plan.batch_id, run.shard), run.to_json()
+                claims = {k: self.layout.claim(k, gen.shards[k].slices[-1].lineage) for k in todo}
+                mine = {k: r for k, r in todo.items() if self._claim(plan, claims[k])}
+                if mine:
+                    if self.trainer is None:
+                        raise ErasureFailed("NoTrainer", "retraining needs a trainer (Ray)")
+                    tasks = shard_tasks(
+                        self.layout, gen, mine, f"{self.model}-{plan.batch_id}", plan.batch_id
                     )
-                _crash_point("retrain")
+                    self.progress("retrain", f"retraining shard(s) {sorted(mine)} on Ray Train")
+                    try:
+                        with self._holding([claims[k] for k in mine], plan):
+                            self._train_with_retries(gen.config, tasks)
+                    except StaleLineage:
+                        continue  # a concurrent erasure purged our input: train the live data
+                    _crash_point("retrain")
+                for k in set(todo) - set(mine):
+                    self.progress("retrain", f"shard {k} is being retrained by another batch")
+                    self._wait_for_claim(claims[k])
             live, released_at = self._commit(plan)
             if released_at is not None:
                 return {
                     "generation": live.generation.number,
                     "accuracy": live.generation.accuracy,
                     "released_at": released_at,
+                    "retrained": self._retrained(live.generation, plan),
                 }
         raise ErasureFailed("RetrainRace", "the affected shards kept changing under the retrain")
 
+    def _retrained(self, gen: Generation, plan: ErasurePlan) -> dict[str, Any]:
+        """Per affected shard: the live lineage, checkpoint and the Ray Train run that
+        trained it, slice by slice (from the checkpoints' own records); slices from
+        ``first_slice`` on were retrained for this erasure."""
+        out: dict[str, Any] = {}
+        for sp in plan.shards:
+            shard = gen.shards[sp.shard]
+            runs = []
+            for sl in shard.slices:
+                try:
+                    rec = self.store.get_json(
+                        ModelLayout.checkpoint_lineage_record(sl.checkpoint or "")
+                    )
+                    runs.append(rec.get("run_id"))
+                except NotFound:
+                    runs.append(None)
+            out[str(sp.shard)] = {
+                "first_slice": sp.first_slice,
+                "lineages": [s.lineage for s in shard.slices],
+                "checkpoints": [s.checkpoint for s in shard.slices],
+                "runs": runs,
+            }
+        return out
+
+    # -- claims: one writer per lineage ------------------------------------------------
+    def _claim(self, plan: ErasurePlan, key: str) -> bool:
+        """Lease ``key`` (a shard's final lineage) for this batch. True: ours to train.
+        A lease this batch already holds (a rerun after a crash) or one that expired
+        (its holder died) is taken over; a live lease of another batch is not."""
+        body = {"owner": plan.batch_id, "expires": time.time() + self.claim_ttl_seconds}
+        if self.store.put_json_if_absent(key, body):
+            return True
+        try:
+            raw, etag = self.store.get_with_etag(key)
+        except NotFound:
+            return self.store.put_json_if_absent(key, body)
+        held = json.loads(raw)
+        if held.get("owner") != plan.batch_id and float(held.get("expires", 0)) > time.time():
+            return False
+        try:
+            self.store.put_if_match(key, json.dumps(body).encode(), etag)
+            return True
+        except PreconditionFailed:
+            return False
+
+    def _holding(self, keys: list[str], plan: ErasurePlan) -> Any:
+        """Renew these leases while the body runs; release them afterwards."""
+        engine = self
+
+        class _Lease:
+            def __enter__(self) -> None:
+                self.stop = threading.Event()
+                self.thread = threading.Thread(target=self.renew, daemon=True)
+                self.thread.start()
+
+            def renew(self) -> None:
+                while not self.stop.wait(engine.claim_ttl_seconds / 3):
+                    for key in keys:
+                        body = {
+                            "owner": plan.batch_id,
+                            "expires": time.time() + engine.claim_ttl_seconds,
+                        }
+                        engine.store.put_json(key, body)
+
+            def __exit__(self, *exc: object) -> None:
+                self.stop.set()
+                self.thread.join()
+                for key in keys:
+                    engine.store.purge(key)
+
+        return _Lease()
+
+    def _wait_for_claim(self, key: str, poll: float = 0.5) -> None:
+        """Until another batch's lease on a lineage ends (released, or expired because
+        its holder died); the next round then adopts its checkpoints or trains."""
+        while True:
+            try:
+                held = self.store.get_json(key)
+            except NotFound:
+                return
+            if float(held.get("expires", 0)) <= time.time():
+                return
+            time.sleep(poll)
+
     def _train_with_retries(self, cfg: ModelConfig, tasks: list[Any]) -> list[ShardRun]:
+        from lethe.training import StaleLineage
+
         assert self.trainer is not None
         for attempt in range(self.retries + 1):
             try:
                 return self.trainer.train(cfg, tasks)
+            except StaleLineage:
+                raise
             except Exception as e:
+                if self._stale(tasks):
+                    raise StaleLineage("the data changed under the run") from e
                 if attempt == self.retries:
                     raise ErasureFailed(
                         "RetrainFailed",
@@ -253,6 +533,11 @@ class Engine:
                 self.progress("retrain", f"attempt {attempt + 1} failed, retrying")
                 time.sleep(self.retry_backoff_seconds * 2**attempt)
         raise AssertionError("unreachable")
+
+    def _stale(self, tasks: list[Any]) -> bool:
+        """Whether a run's input was purged while it ran (its failure is then no failure)."""
+        tombstones = tombstoned_shas(self.store, self.layout)
+        return any(d["sha256"] in tombstones for t in tasks for d in t.data)
 
     def _commit(self, plan: ErasurePlan) -> tuple[Live, float | None]:
         """Adopt the new checkpoints and release the shards; returns the live generation
@@ -302,55 +587,30 @@ class Engine:
 
     # -- step 7: purge ---------------------------------------------------------------
     def _purge(self, plan: ErasurePlan) -> dict[str, Any]:
+        """After the commit: sweep again for checkpoints trained on purged files (a run
+        that was stale when it wrote them), then reclaim the bytes."""
         live = read_live(self.store, self.layout).generation
-        live_keys = live.referenced_keys()
-        hashes = set(plan.record_hashes)
-        marker = self.layout.step(plan.batch_id, "purge-plan")
-        try:
-            tainted: set[str] = set(self.store.get_json(marker)["tainted"])
-        except NotFound:
-            tainted = set()
-        prefixes = [self.layout.eval_prefix] + [
-            p
-            for k in plan.affected_shards
-            for p in (self.layout.data_prefix(k), self.layout.index_prefix(k))
-        ]
-        for prefix in prefixes:
-            for key, version, is_marker in list(self.store.list_versions(prefix)):
-                if is_marker or key in tainted or not key.endswith(".parquet"):
-                    continue
-                ids = dataio.decode(self.store.get_version(key, version), ["record_id"])
-                if dataio.hashed_mask(ids.column("record_id"), plan.salt, hashes).any():
-                    if key in live_keys:
-                        raise RuntimeError(f"live object {key} still holds erased records")
-                    tainted.add(key)
-        # Remember what was tainted before deleting it: a repeated purge can no longer
-        # find deleted files, but must still delete the checkpoints trained on them.
-        if not self.store.put_json_if_absent(marker, {"tainted": sorted(tainted)}):
-            tainted |= set(self.store.get_json(marker)["tainted"])
-        tainted_shas = {sha_of_key(k) for k in tainted}
-
-        doomed = set(tainted)
-        for k in plan.affected_shards:
-            doomed |= tainted_checkpoints(self.store, self.layout, k, tainted_shas, live_keys)
-        doomed |= manifests_referencing(self.store, self.layout, doomed, live.number)
-        deleted: dict[str, int] = {}
-        for key in sorted(doomed):
-            if key in live_keys:
-                raise RuntimeError(f"refusing to purge live object {key}")
-            deleted[key] = self.store.purge(key)
-        self.progress("purge", f"{len(deleted)} object(s) deleted with every version")
-        return {"deleted": sorted(deleted), "versions_deleted": sum(deleted.values())}
+        deleted = self._delete(plan, set(), live)
+        storage = self._reclaim() if deleted else (self._marker(plan, "purge-data") or {}).get(
+            "storage"
+        )
+        self.progress("purge", f"{len(deleted)} more object(s) deleted with every version")
+        return {"deleted": sorted(deleted), "storage": storage}
 
     # -- step 8: certify ---------------------------------------------------------------
+    def runs_of(self, plan: ErasurePlan) -> list[ShardRun]:
+        """Every Ray Train run of this batch, finished or not, from the runs' own reports."""
+        prefix = self.layout.shard_runs_prefix(plan.batch_id)
+        runs = [ShardRun.from_json(self.store.get_json(k)) for k in self.store.list_keys(prefix)]
+        return sorted(runs, key=lambda r: (r.shard, r.submitted_at, r.attempt))
+
     def _certify(self, plan: ErasurePlan) -> dict[str, Any]:
-        markers = {s: self._marker(plan, s) for s in ("quarantine", "patch", "commit", "purge")}
-        runs = [
-            ShardRun.from_json(self.store.get_json(k))
-            for k in self.store.list_keys(self.layout.shard_runs_prefix(plan.batch_id))
-        ]
-        live = read_live(self.store, self.layout).generation
-        cfg = live.config
+        from lethe import certs
+
+        keys = load_keys(self.keys)
+        markers = {s: self._marker(plan, s) or {} for s in STEPS}
+        runs = self.runs_of(plan)
+        cfg = read_live(self.store, self.layout).generation.config
         full_resources = cfg.trainer.workers_per_shard
         cost = total_cost(
             runs,
@@ -358,63 +618,72 @@ class Engine:
             plan.estimate.full_seconds * full_resources * cfg.trainer.cpus_per_worker,
             plan.estimate.full_seconds * full_resources * cfg.trainer.gpus_per_worker,
         )
-        t0 = plan.requested_at
-        q_at = (markers["quarantine"] or {}).get("at")
-        commit = markers["commit"] or {}
-        c_at = commit.get("released_at") or commit.get("at")  # shards back in service
-        affected = plan.affected_shards
-        timings = {
-            "requested_at": t0,
-            "quarantined_at": q_at,
-            "patched_at": (markers["patch"] or {}).get("at"),
-            "committed_at": c_at,
-            "purged_at": (markers["purge"] or {}).get("at"),
-            "time_to_forget_seconds": (q_at - t0) if q_at else 0.0,
-            "erasure_seconds": (c_at - t0) if c_at else 0.0,
-        }
+        timings = certificate_timings(plan, markers)
+        commit = markers["commit"]
         base = {
             "kind": "lethe.dev/ErasureCertificate",
-            "version": 1,
+            "version": 2,
             "bucket": self.store.bucket,
             "model_prefix": self.layout.prefix,
             "batch_id": plan.batch_id,
-            "salt": plan.salt,
-            "hash": "sha256(salt + NUL + id)",
+            "hash": {"alg": "hmac-sha256", "key_id": plan.key_id},
             "generation_before": plan.base_generation,
-            "generation_after": (markers["commit"] or {}).get("generation", plan.base_generation),
-            "accuracy_after": (markers["commit"] or {}).get("accuracy"),
-            "shards": affected,
-            "lineages": {str(k): [s.lineage for s in live.shards[k].slices] for k in affected},
-            "deleted_keys": (markers["purge"] or {}).get("deleted", []),
-            "ray_runs": sorted(r.run_id for r in runs),
+            "generation_after": commit.get("generation", plan.base_generation),
+            "accuracy_after": commit.get("accuracy"),
+            "shards": plan.affected_shards,
+            "retrained": commit.get("retrained", {}),
+            "deleted_keys": sorted(
+                set(markers["purge-data"].get("deleted", []))
+                | set(markers["purge"].get("deleted", []))
+            ),
+            "tombstones": markers["purge-data"].get("tombstones", []),
+            "source": markers["purge-data"].get("source"),
+            "storage": markers["purge"].get("storage") or markers["purge-data"].get("storage"),
+            "ray_runs": sorted({r.run_id for r in runs}),
             "shard_runs": [r.to_json() for r in runs],
             "timings": timings,
             "cost": cost.to_json(),
             "estimate": plan.estimate.to_json(),
+            "signed_key": keys.fingerprint,
         }
-        certificates = {}
+        certificates: dict[str, str] = {}
+        outcomes: dict[str, Any] = {}
         for req in plan.requests:
-            cert = {
-                **base,
-                "request_uid": req.uid,
-                "status": "nothing-to-erase" if req.nothing_to_erase else "erased",
-                "subject_hashes": req.subject_hashes,
-                "record_hashes": req.record_hashes,
-                "records_erased": len(req.record_hashes),
-                "request_shards": req.shards,
-            }
+
+            def build(chain: dict[str, Any], req: RequestPlan = req) -> dict[str, Any]:
+                return {
+                    **base,
+                    "request_uid": req.uid,
+                    "chain": chain,
+                    "outcome": req.outcome,
+                    "summary": outcome_words(req),
+                    "subject_hashes": req.subject_hashes,
+                    "record_hashes": req.record_hashes,
+                    "requested_record_hashes": req.requested_record_hashes,
+                    "held": held_counts(req),
+                    "records_erased": len(req.record_hashes),
+                    "request_shards": req.shards,
+                }
+
+            certs.append(self.store, self.layout, req.uid, build, keys)
             key = self.layout.certificate(req.uid)
-            if not self.store.put_json_if_absent(key, cert):
-                cert = self.store.get_json(key)
             certificates[req.uid] = key
+            outcomes[req.uid] = {
+                "outcome": req.outcome,
+                "records_erased": len(req.record_hashes),
+                "subjects_unmatched": req.subjects_unmatched,
+                "records_unmatched": req.records_unmatched,
+                "certificate": key,
+            }
         result = {
             "batch_id": plan.batch_id,
             "model": self.model,
             "requests": len(plan.requests),
             "records_erased": plan.records_erased,
-            "shards_retrained": len({r.shard for r in runs}),
-            "shards": affected,
+            "shards_retrained": len({r.shard for r in runs if r.slices_trained}),
+            "shards": plan.affected_shards,
             "certificates": certificates,
+            "outcomes": outcomes,
             "generation_before": base["generation_before"],
             "generation_after": base["generation_after"],
             "accuracy_after": base["accuracy_after"],
@@ -423,6 +692,7 @@ class Engine:
             "estimate": plan.estimate.to_json(),
             "shard_runs": base["shard_runs"],
             "deleted_keys": len(base["deleted_keys"]),
+            "storage": base["storage"],
         }
         self.store.put_json_if_absent(self.layout.result(plan.batch_id), result)
         _crash_point("certify")
@@ -470,6 +740,7 @@ def make_plan(
     model: str,
     requests: list[ErasureRequest],
     requested_at: float,
+    keys: Keys,
 ) -> ErasurePlan:
     """Steps 1 and 2: find the records through the index files, then plan."""
     cfg = gen.config
@@ -500,12 +771,13 @@ def make_plan(
         for i in np.flatnonzero(tmask)
     }
 
-    salt = secrets.token_hex(16)
     first: dict[int, int] = {}
     per_shard: dict[int, int] = {}
     for _subject, k, r in found.values():
         first[k] = min(first.get(k, r), r)
         per_shard[k] = per_shard.get(k, 0) + 1
+    held_subjects = {s for s, _, _ in found.values()} | set(test_found.values())
+    held_records = set(found) | set(test_found)
     request_plans = []
     for req in requests:
         subj, recs = set(req.subjects), set(req.records)
@@ -514,29 +786,81 @@ def make_plan(
         request_plans.append(
             RequestPlan(
                 uid=req.uid,
-                subject_hashes=salted_hashes(salt, subj),
-                record_hashes=salted_hashes(salt, mine),
+                subject_hashes=keys.id_hashes(subj),
+                record_hashes=keys.id_hashes(mine),
                 shards=sorted({found[rid][1] for rid in mine if rid in found}),
+                requested_record_hashes=keys.id_hashes(recs),
+                subjects_unmatched=len(subj - held_subjects),
+                records_unmatched=len(recs - held_records),
             )
         )
     return ErasurePlan(
         batch_id=batch,
         model=model,
-        salt=salt,
+        key_id=key_id(keys.hmac_key),
         base_generation=gen.number,
         requested_at=requested_at,
         requests=request_plans,
         shards=[ShardPlan(k, first[k], per_shard[k]) for k in sorted(first)],
         test_records=len(test_found),
         estimate=estimate_cost(gen, first),
-        record_hashes=sorted({salted_hash(salt, rid) for rid in [*found, *test_found]}),
+        record_hashes=keys.id_hashes([*found, *test_found]),
     )
+
+
+def held_counts(req: RequestPlan) -> dict[str, int]:
+    return {
+        "subjects_named": len(req.subject_hashes),
+        "subjects_unmatched": req.subjects_unmatched,
+        "records_named": len(req.requested_record_hashes),
+        "records_unmatched": req.records_unmatched,
+        "records_erased": len(req.record_hashes),
+    }
+
+
+def outcome_words(req: RequestPlan) -> str:
+    """The certificate's outcome in plain words (counts only, never an id)."""
+    named = []
+    if req.subject_hashes:
+        named.append(f"{len(req.subject_hashes)} subject(s)")
+    if req.requested_record_hashes:
+        named.append(f"{len(req.requested_record_hashes)} record id(s)")
+    what = " and ".join(named) or "nothing"
+    if req.outcome == NOTHING_HELD:
+        return (
+            f"Nothing held: none of the {what} named was found in this model's data, "
+            "so nothing was erased or retrained."
+        )
+    unmatched = req.subjects_unmatched + req.records_unmatched
+    tail = f" {unmatched} of the ids named matched nothing." if unmatched else ""
+    return (
+        f"Erased {len(req.record_hashes)} record(s) of the {what} named from every data, "
+        f"index and test object and every version of them.{tail}"
+    )
+
+
+def certificate_timings(plan: ErasurePlan, markers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    t0 = plan.requested_at
+    q_at = markers["quarantine"].get("at")
+    commit = markers["commit"]
+    c_at = commit.get("released_at") or commit.get("at")  # shards back in service
+    return {
+        "requested_at": t0,
+        "quarantined_at": q_at,
+        "patched_at": markers["patch"].get("at"),
+        "data_purged_at": markers["purge-data"].get("at"),
+        "committed_at": c_at,
+        "purged_at": markers["purge"].get("at"),
+        "time_to_forget_seconds": (q_at - t0) if q_at else 0.0,
+        "erasure_seconds": (c_at - t0) if c_at else 0.0,
+    }
 
 
 def tainted_checkpoints(
     store: Store, layout: ModelLayout, shard: int, tainted_shas: set[str], live_keys: set[str]
 ) -> set[str]:
-    """Checkpoints of ``shard`` (and their lineage records) trained on a tainted file.
+    """Checkpoints of ``shard`` (and their lineage records) trained on a tainted
+    (tombstoned) file.
     A checkpoint without its lineage record cannot be cleared, so it goes too."""
     keys = {key for key, _, _ in store.list_versions(layout.checkpoints_prefix(shard))}
     doomed: set[str] = set()
@@ -544,8 +868,8 @@ def tainted_checkpoints(
         if not key.endswith(".pt") or key in live_keys:
             continue
         record = ModelLayout.checkpoint_lineage_record(key)
-        try:
-            data = set(store.get_json(record)["data"]) if record in keys else None
+        try:  # read it even if the listing missed it: it is written before the checkpoint
+            data: set[str] | None = set(store.get_json(record)["data"])
         except NotFound:
             data = None
         if data is None or data & tainted_shas:

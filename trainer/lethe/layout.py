@@ -73,11 +73,11 @@ class ModelLayout:
     def step(self, batch: str, step: str) -> str:
         return self._k(f"erasures/{batch}/{step}.json")
 
-    def shard_run(self, batch: str, shard: int) -> str:
-        return self._k(f"erasures/{batch}/runs/shard={shard}.json")
-
-    def shard_runs_prefix(self, batch: str) -> str:
-        return self._k(f"erasures/{batch}/runs/")
+    def shard_runs_prefix(self, batch: str, shard: int | None = None) -> str:
+        """Each Ray Train run of a batch reports its resources here, one object per
+        attempt (``<prefix><attempt>.json``), written by the run itself."""
+        tail = "" if shard is None else f"shard={shard}/"
+        return self._k(f"erasures/{batch}/runs/{tail}")
 
     def result(self, batch: str) -> str:
         return self._k(f"erasures/{batch}/result.json")

@@ -83,9 +83,12 @@ class StackState:
     bucket: str
     weed_pid: int
     ray_pid: int
+    # Defaults so that a stack.json written before these fields existed still loads.
+    seaweedfs_master: str = ""  # master HTTP URL: vacuum and volume status (lethe.reclaim)
+    seaweedfs_dir: str = ""  # the server's -dir: volume files (*.dat, *.idx) and filer store
 
     def env(self) -> dict[str, str]:
-        return {
+        out = {
             "LETHE_S3_ENDPOINT": self.s3_endpoint,
             "LETHE_BUCKET": self.bucket,
             "AWS_ACCESS_KEY_ID": ACCESS_KEY,
@@ -95,6 +98,9 @@ class StackState:
             "RAY_DASHBOARD_ADDRESS": self.ray_dashboard,
             "RAY_AUTH_MODE": "disabled",
         }
+        if self.seaweedfs_master:
+            out["LETHE_SEAWEEDFS_MASTER"] = self.seaweedfs_master
+        return out
 
     def apply(self) -> None:
         os.environ.update(self.env())
@@ -113,7 +119,25 @@ def _spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> int:
     return p.pid
 
 
+@dataclass(frozen=True)
+class SeaweedFS:
+    """A started ``weed server``."""
+
+    endpoint: str  # S3
+    pid: int
+    master: str  # master HTTP URL
+    data_dir: Path
+
+
 def start_seaweedfs(state: Path) -> tuple[str, int]:
+    """Start SeaweedFS; returns (S3 endpoint, pid). ``launch_seaweedfs`` tells more."""
+    sw = launch_seaweedfs(state)
+    return sw.endpoint, sw.pid
+
+
+def launch_seaweedfs(state: Path) -> SeaweedFS:
+    # S3 Object Lock needs nothing at start: buckets created with ObjectLockEnabledForBucket
+    # get it (docs/storage-backends.md). The stack's bucket is created without it.
     data = state / "seaweedfs"
     data.mkdir(parents=True, exist_ok=True)
     config = state / "s3.json"
@@ -163,7 +187,7 @@ def start_seaweedfs(state: Path) -> tuple[str, int]:
     pid = _spawn(cmd, log)
     endpoint = f"http://{HOST}:{p['s3']}"
     _wait(lambda: _http_ok(endpoint), "SeaweedFS S3", 60, log)
-    return endpoint, pid
+    return SeaweedFS(endpoint, pid, f"http://{HOST}:{p['master']}", data)
 
 
 def start_ray(state: Path, num_cpus: int | None) -> tuple[str, str, int]:
@@ -225,13 +249,23 @@ def up(
         return existing
     down(state_dir)  # clear half-started leftovers
     state_dir.mkdir(parents=True, exist_ok=True)
-    endpoint, weed_pid = start_seaweedfs(state_dir)
+    sw = launch_seaweedfs(state_dir)
     try:
         ray_address, dashboard, ray_pid = start_ray(state_dir, num_cpus)
     except Exception:
-        _stop(weed_pid)
+        _stop(sw.pid)
         raise
-    st = StackState(str(state_dir), endpoint, ray_address, dashboard, bucket, weed_pid, ray_pid)
+    st = StackState(
+        str(state_dir),
+        sw.endpoint,
+        ray_address,
+        dashboard,
+        bucket,
+        sw.pid,
+        ray_pid,
+        seaweedfs_master=sw.master,
+        seaweedfs_dir=str(sw.data_dir.resolve()),
+    )
     (state_dir / "stack.json").write_text(json.dumps(asdict(st), indent=1))
     (state_dir / "env").write_text("".join(f"export {k}={v}\n" for k, v in st.env().items()))
     st.apply()

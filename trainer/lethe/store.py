@@ -134,8 +134,10 @@ class Store:
                 yield m["Key"], m["VersionId"], True
 
     # -- writes ------------------------------------------------------------------
-    def put(self, key: str, body: bytes, content_type: str = "application/octet-stream") -> None:
-        self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
+    def put(self, key: str, body: bytes, content_type: str = "application/octet-stream") -> str:
+        """Write key; returns the new version's id ("null" where versioning is off)."""
+        r = self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
+        return str(r.get("VersionId") or "null")
 
     def put_json(self, key: str, obj: Any) -> None:
         self.put(key, _dumps(obj), "application/json")
@@ -172,6 +174,21 @@ class Store:
             self.client.delete_object(Bucket=self.bucket, Key=k, VersionId=version)
             n += 1
         return n
+
+    def purge_older_versions(self, key: str, keep: str) -> int:
+        """Delete every version and delete marker of ``key`` except version ``keep``."""
+        n = 0
+        for k, version, _ in list(self.list_versions(key)):
+            if k == key and version != keep:
+                self.client.delete_object(Bucket=self.bucket, Key=k, VersionId=version)
+                n += 1
+        return n
+
+    def for_bucket(self, bucket: str) -> Store:
+        """The same endpoint and credentials, another bucket (a model's source data)."""
+        from dataclasses import replace
+
+        return Store(replace(self.settings, bucket=bucket))
 
     def versions_of(self, key: str) -> list[tuple[str, bool]]:
         return [(v, m) for k, v, m in self.list_versions(key) if k == key]

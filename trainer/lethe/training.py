@@ -24,7 +24,7 @@ from lethe.core.config import ModelConfig
 from lethe.core.cost import ShardRun
 from lethe.core.manifest import Generation
 from lethe.layout import ModelLayout
-from lethe.store import S3Settings, Store
+from lethe.store import NotFound, S3Settings, Store
 
 # Fault injection for the failure-path tests: workers of a driver started with this set
 # to "1" fail at once, as a real Ray Train run does when its worker raises.
@@ -35,6 +35,14 @@ class RetrainFailed(RuntimeError):
     """A Ray Train run failed; the message carries Ray's."""
 
 
+class StaleLineage(RuntimeError):
+    """The run trained on a file that an erasure purged meanwhile; its checkpoints were
+    deleted again. Not a failure of the retrain: train the live data instead."""
+
+
+STALE_MARK = "stale lineage:"  # how a worker's StaleLineage reads through Ray's wrapping
+
+
 @dataclass
 class ShardTask:
     shard: int
@@ -43,6 +51,51 @@ class ShardTask:
     lineages: list[str]
     checkpoints: list[str]  # key per slice (derived from the lineage)
     run_id: str
+    tombstones_prefix: str = ""  # the model's tombstones (purged files), checked after a write
+    report_prefix: str = ""  # where each attempt's resource report goes ("" = nowhere)
+    attempt: str = ""  # set per Ray Train run by the trainer
+    submitted_at: float = 0.0  # when that run was submitted (its start-up counts as cost)
+
+
+def _write_report(store: Store, task: ShardTask, cfg: ModelConfig, **fields: Any) -> None:
+    """One attempt's resources so far: a certificate's cost and runs are derived from
+    these reports, so an attempt killed half-way is still accounted for."""
+    if not task.report_prefix:
+        return
+    tc = cfg.trainer
+    wall = max(0.0, float(fields.pop("updated_at")) - task.submitted_at)
+    run = ShardRun(
+        shard=task.shard,
+        run_id=task.run_id,
+        first_slice=task.first_slice,
+        wall_seconds=wall,
+        cpu_seconds=wall * tc.workers_per_shard * tc.cpus_per_worker,
+        gpu_seconds=wall * tc.workers_per_shard * tc.gpus_per_worker,
+        attempt=task.attempt,
+        submitted_at=task.submitted_at,
+        **fields,
+    )
+    store.put_json(f"{task.report_prefix}{task.attempt}.json", run.to_json())
+
+
+def _already_trained(store: Store, task: ShardTask, cfg: ModelConfig, r: int) -> bool:
+    from lethe.checkpoints import lineage_record_ok
+
+    key = task.checkpoints[r]
+    shas = [d["sha256"] for d in task.data[: r + 1]]
+    return store.exists(key) and lineage_record_ok(
+        store, key, shas, cfg.trainer_fingerprint(), set()
+    )
+
+
+def _purged_meanwhile(store: Store, task: ShardTask, upto: int) -> bool:
+    if not task.tombstones_prefix:
+        return False
+    shas = {d["sha256"] for d in task.data[: upto + 1]}
+    return any(
+        k.rsplit("/", 1)[-1].removesuffix(".json") in shas
+        for k in store.list_keys(task.tombstones_prefix)
+    )
 
 
 def _peak_rss() -> int:
@@ -94,12 +147,27 @@ def train_shard_loop(config: dict[str, Any]) -> None:
     ys: list[np.ndarray] = []
     train_seconds = 0.0
     for r in range(cfg.slices):
-        x, y = dataio.features_and_labels(
-            dataio.decode(store.get(task.data[r]["key"]), ["label", "features"])
-        )
+        try:
+            body = store.get(task.data[r]["key"])
+        except NotFound:
+            if _purged_meanwhile(store, task, r):  # an erasure purged it under us
+                raise StaleLineage(f"{STALE_MARK} shard {task.shard} slice {r}") from None
+            raise
+        x, y = dataio.features_and_labels(dataio.decode(body, ["label", "features"]))
         xs.append(x.reshape(-1, cfg.num_features))
         ys.append(y)
         if r < task.first_slice:
+            continue
+        if _already_trained(store, task, cfg, r):
+            # Another writer trained this exact lineage meanwhile (training is
+            # deterministic, so its checkpoint is what we would write): resume from it
+            # rather than train and write it a second time.
+            state = load_checkpoint(store.get(task.checkpoints[r]))
+            inner = model.module if hasattr(model, "module") else model
+            inner.load_state_dict(state["model"])
+            if state.get("optimizer"):
+                optimizer.load_state_dict(state["optimizer"])
+            ray.train.report({"slice": r, "train_seconds": train_seconds, "skipped": 1})
             continue
         t0 = time.perf_counter()
         X = torch.from_numpy(np.concatenate(xs)).to(device)
@@ -130,14 +198,36 @@ def train_shard_loop(config: dict[str, Any]) -> None:
             inner = model.module if hasattr(model, "module") else model
             meta = {"shard": task.shard, "slice": r, "lineage": task.lineages[r]}
             key = task.checkpoints[r]
-            store.put(key, save_checkpoint(inner, optimizer, meta))
+            record = ModelLayout.checkpoint_lineage_record(key)
+            # The record first: a checkpoint must never exist without it (a crash in
+            # between leaves a record alone, which is harmless and rewritten alike).
             store.put_json(
-                ModelLayout.checkpoint_lineage_record(key),
+                record,
                 {
                     **meta,
                     "trainer": cfg.trainer_fingerprint(),
                     "data": [d["sha256"] for d in task.data[: r + 1]],
+                    "run_id": task.run_id,
+                    "attempt": task.attempt,
                 },
+            )
+            store.put(key, save_checkpoint(inner, optimizer, meta))
+            # After the write, look for tombstones: an erasure that purged our data
+            # wrote its tombstone before sweeping checkpoints, so either its sweep
+            # sees this checkpoint or we see its tombstone (never neither).
+            if _purged_meanwhile(store, task, r):
+                store.purge(key)
+                store.purge(record)
+                raise StaleLineage(f"{STALE_MARK} shard {task.shard} slice {r}")
+            _write_report(
+                store,
+                task,
+                cfg,
+                updated_at=time.time(),
+                slices_trained=r + 1 - task.first_slice,
+                train_seconds=train_seconds,
+                peak_rss_bytes=_peak_rss(),
+                finished=False,
             )
         metrics = {"slice": r, "train_seconds": train_seconds, "peak_rss": _peak_rss()}
         if rank == 0 and r == cfg.slices - 1:
@@ -183,8 +273,14 @@ def connect_ray(address: str | None, settings: S3Settings) -> None:
 
 
 def shard_tasks(
-    layout: ModelLayout, gen: Generation, first_slices: dict[int, int], run_prefix: str
+    layout: ModelLayout,
+    gen: Generation,
+    first_slices: dict[int, int],
+    run_prefix: str,
+    batch: str | None = None,
 ) -> list[ShardTask]:
+    """One task per shard; with ``batch``, each run reports its resources under the
+    batch (the certificate's cost and runs come from those reports)."""
     tasks = []
     for k, first in sorted(first_slices.items()):
         shard = gen.shards[k]
@@ -198,6 +294,8 @@ def shard_tasks(
                     layout.checkpoint(k, r, s.lineage) for r, s in enumerate(shard.slices)
                 ],
                 run_id=f"{run_prefix}-shard{k}",
+                tombstones_prefix=layout.tombstones_prefix,
+                report_prefix=layout.shard_runs_prefix(batch, k) if batch else "",
             )
         )
     return tasks
@@ -214,10 +312,16 @@ class RayTrainer:
         )
 
     def _fit(self, cfg: ModelConfig, task: ShardTask) -> ShardRun:
+        import uuid
+
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
         tc = cfg.trainer
+        task = ShardTask(**{**asdict(task), "attempt": uuid.uuid4().hex[:12]})
+        task.submitted_at = time.time()
+        store = Store(self.settings)
+        _write_report(store, task, cfg, updated_at=task.submitted_at, finished=False)
         resources = {"CPU": tc.cpus_per_worker}
         if tc.use_gpu:
             resources["GPU"] = tc.gpus_per_worker
@@ -237,13 +341,15 @@ class RayTrainer:
         try:
             result = trainer.fit()
         except Exception as e:  # Ray wraps worker errors in its own types
+            if STALE_MARK in str(e):
+                raise StaleLineage(f"shard {task.shard}: trained on data purged meanwhile") from e
             raise RetrainFailed(
                 f"shard {task.shard}: Ray Train run {task.run_id} failed: {type(e).__name__}: {e}"
             ) from e
         wall = time.perf_counter() - t0
         metrics = result.metrics or {}
         workers = tc.workers_per_shard
-        return ShardRun(
+        run = ShardRun(
             shard=task.shard,
             run_id=task.run_id,
             first_slice=task.first_slice,
@@ -253,7 +359,13 @@ class RayTrainer:
             cpu_seconds=wall * workers * tc.cpus_per_worker,
             gpu_seconds=wall * workers * tc.gpus_per_worker,
             peak_rss_bytes=int(metrics.get("peak_rss", 0)),
+            attempt=task.attempt,
+            submitted_at=task.submitted_at,
+            finished=True,
         )
+        if task.report_prefix:
+            store.put_json(f"{task.report_prefix}{task.attempt}.json", run.to_json())
+        return run
 
     def train(self, cfg: ModelConfig, tasks: list[ShardTask]) -> list[ShardRun]:
         """Train all tasks concurrently; raises RetrainFailed if any run failed
@@ -276,6 +388,8 @@ class RayTrainer:
         for t in threads:
             t.join()
         if errors:
+            if all(isinstance(e, StaleLineage) for e in errors):
+                raise StaleLineage("; ".join(str(e) for e in errors))
             raise RetrainFailed("; ".join(str(e) for e in errors))
         return [runs[t.shard] for t in tasks]
 

@@ -1,14 +1,23 @@
 """Independent proof that an erasure holds: ``lethe verify CERTIFICATE``.
 
-Nothing here trusts what the erasure kept. From S3 alone it re-derives:
-1. no data, index or test object of the model, in any version, live or not, holds
-   a record or subject named (as salted hashes) in the certificate;
-2. every data file's bytes hash to the name it is stored under;
-3. every live checkpoint's lineage hash, recomputed from the live data files and
-   the trainer configuration, equals the lineage it is stored under, and the data
-   it records having been trained on is exactly the live data;
-4. every key the certificate says was deleted is gone with all its versions, and no
-   checkpoint lineage record or generation manifest still refers to one.
+Nothing in the certificate is taken on trust. With the model's public key and HMAC
+key (``--keys``), verify checks:
+1. the signature (Ed25519, against the trusted public key) and the model's chain of
+   certificates (each entry names the hash of the one before: nothing was removed,
+   inserted or edited), and that this certificate is the chain's entry;
+2. every claim against what S3 holds: the batch's plan (the hashes, counts, shards
+   and the generation before), its step markers (the generation after, the lineages
+   and the run that trained each checkpoint, the keys deleted, the tombstones, the
+   source and storage state, the timings), and the runs' own resource reports (the
+   runs and the cost, recomputed);
+3. that no object under the model's prefix (``--bucket-wide``: the whole bucket),
+   in any version, whatever its name or format, holds a named subject or record id:
+   every candidate token is hashed with the HMAC key and looked up;
+4. that every data file's bytes hash to the name it is stored under, every live
+   checkpoint's lineage matches the live data, every checkpoint anywhere has a
+   lineage record naming no purged file, every deleted key is gone with all its
+   versions, and no manifest still points at one.
+A failure names the certificate field (or the object) that does not hold.
 """
 
 from __future__ import annotations
@@ -17,29 +26,47 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from lethe import dataio
-from lethe.core.hashing import salted_hash, sha256_hex
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from lethe import certs
+from lethe.checkpoints import tombstoned_shas
+from lethe.core.config import ModelConfig
+from lethe.core.cost import ShardRun, total_cost
+from lethe.core.hashing import key_id, sha256_hex
 from lethe.core.lineage import shard_lineages
 from lethe.core.manifest import Generation
+from lethe.core.plan import ErasurePlan
 from lethe.generations import read_live
 from lethe.layout import ModelLayout, sha_of_key
 from lethe.store import NotFound, Store
+
+CERT_VERSION = 2
+CONTENT_ADDRESSED = ("data/", "index/", "eval/")
 
 
 @dataclass
 class Verdict:
     checks: dict[str, int] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.failures
 
-    def count(self, what: str) -> None:
-        self.checks[what] = self.checks.get(what, 0) + 1
+    def count(self, what: str, n: int = 1) -> None:
+        self.checks[what] = self.checks.get(what, 0) + n
+
+    def fail(self, where: str, why: str) -> None:
+        self.failures.append(f"{where}: {why}")
 
     def to_json(self) -> dict[str, Any]:
-        return {"verified": self.ok, "checks": self.checks, "failures": self.failures}
+        return {
+            "verified": self.ok,
+            "checks": self.checks,
+            "failures": self.failures,
+            "notes": self.notes,
+        }
 
 
 def load_certificate(store: Store, ref: str) -> dict[str, Any]:
@@ -57,58 +84,192 @@ def load_certificate(store: Store, ref: str) -> dict[str, Any]:
         return store.get_json(ref)
 
 
-def verify(store: Store, cert: dict[str, Any]) -> Verdict:
-    v = Verdict()
-    layout = ModelLayout(cert["model_prefix"])
-    salt = cert["salt"]
-    erased = set(cert.get("record_hashes", [])) | set(cert.get("subject_hashes", []))
-    live = read_live(store, layout).generation
-    if live.number < cert["generation_after"]:
-        v.failures.append(
-            f"live generation {live.number} is older than the certified {cert['generation_after']}"
-        )
+def verify(
+    store: Store,
+    cert: dict[str, Any],
+    keys: certs.Keys | None = None,
+    *,
+    public_key: Ed25519PublicKey | None = None,
+    bucket_wide: bool = False,
+    progress: bool = False,
+) -> Verdict:
+    """Check ``cert`` against S3; ``keys`` gives the HMAC key and, unless
+    ``public_key`` is given, the trusted public key (default: $LETHE_KEYS_DIR)."""
+    from lethe.erasure import load_keys
 
-    # 1 and 2: every data-bearing object, every version.
-    for prefix in ("data/", "index/", "eval/"):
-        for key, version, is_marker in store.list_versions(layout.root + prefix):
-            if is_marker:
-                continue
-            body = store.get_version(key, version)
-            v.count("objects scanned")
-            if sha256_hex(body) != sha_of_key(key):
-                v.failures.append(f"{key} (version {version}): content does not match its hash")
-            table = dataio.decode(body, ["record_id", "subject_id"])
-            for col in ("record_id", "subject_id"):
-                hits = sum(salted_hash(salt, x) in erased for x in table.column(col).to_pylist())
-                if hits:
-                    v.failures.append(
-                        f"{key} (version {version}): holds {hits} erased {col.replace('_', ' ')}(s)"
-                    )
-    # 3: live checkpoints.
+    keys = load_keys(keys)
+    v = Verdict()
+    if not isinstance(cert, dict) or cert.get("version") != CERT_VERSION:
+        v.fail("version", f"not a version-{CERT_VERSION} Lethe certificate")
+        return v
+    try:
+        layout = ModelLayout(str(cert["model_prefix"]))
+    except KeyError:
+        v.fail("model_prefix", "missing")
+        return v
+    trusted = public_key or keys.public_key
+    v.failures += certs.check_signature(cert, trusted)
+    v.count("signatures checked")
+    entries, chain_failures = certs.verify_chain(store, layout, trusted)
+    v.count("chain entries checked", entries)
+    v.failures += chain_failures
+    v.failures += certs.check_in_chain(store, layout, cert)
+    copies, copy_failures = certs.verify_copies(store, layout)
+    v.count("certificate copies checked", copies)
+    v.failures += copy_failures
+    if (cert.get("hash") or {}).get("key_id") != key_id(keys.hmac_key):
+        v.fail("hash.key_id", "the ids were hashed with another HMAC key than the one given")
+    _check_claims(store, layout, cert, v)
+    erased = (
+        set(cert.get("subject_hashes", []))
+        | set(cert.get("record_hashes", []))
+        | set(cert.get("requested_record_hashes", []))
+    )
+    _scan(store, layout, erased, keys, bucket_wide, progress, v)
+    try:
+        live = read_live(store, layout).generation
+    except Exception as e:  # noqa: BLE001 - reported as a failure, never raised
+        v.fail("CURRENT", f"cannot read the live generation: {e}")
+        return v
+    if live.number < int(cert.get("generation_after", 0)):
+        v.fail("generation_after", f"the live generation {live.number} is older")
     _verify_lineages(store, layout, live, v)
-    # 4: deleted keys.
-    deleted = set(cert.get("deleted_keys", []))
-    deleted_shas = {sha_of_key(k) for k in deleted if k.endswith(".parquet")}
-    for key in sorted(deleted):
-        v.count("deleted keys checked")
-        left = store.versions_of(key)
-        if left:
-            v.failures.append(f"{key}: deleted, but {len(left)} version(s) remain")
-    for key, version, is_marker in store.list_versions(layout.root + "checkpoints/"):
-        if is_marker or not key.endswith(".json"):
-            continue
-        record = json.loads(store.get_version(key, version))
-        if set(record.get("data", [])) & deleted_shas:
-            v.failures.append(f"{key}: a checkpoint trained on deleted data remains")
-    for key, version, is_marker in store.list_versions(layout.generations_prefix):
-        if is_marker:
-            continue
-        manifest = Generation.from_json(json.loads(store.get_version(key, version)))
-        if manifest.referenced_keys() & deleted:
-            v.failures.append(f"{key}: a generation manifest still points at deleted data")
+    _verify_checkpoints(store, layout, cert, v)
+    _verify_deleted(store, layout, cert, v)
+    if cert.get("outcome") == "NothingHeld":
+        v.notes.append(str(cert.get("summary", "nothing held")))
     return v
 
 
+# -- the certificate's claims against S3 ----------------------------------------------
+def _check_claims(store: Store, layout: ModelLayout, cert: dict[str, Any], v: Verdict) -> None:
+    from lethe.erasure import STEPS, certificate_timings, held_counts, outcome_words
+
+    batch = str(cert.get("batch_id", ""))
+    try:
+        plan = ErasurePlan.from_json(store.get_json(layout.plan(batch)))
+    except NotFound:
+        v.fail("batch_id", "no plan for this batch in S3")
+        return
+    req = next((r for r in plan.requests if r.uid == cert.get("request_uid")), None)
+    if req is None:
+        v.fail("request_uid", "not a request of the batch's plan")
+        return
+    markers: dict[str, dict[str, Any]] = {}
+    for step in STEPS:
+        try:
+            markers[step] = store.get_json(layout.step(batch, step))
+        except NotFound:
+            markers[step] = {}
+    commit, data, purge = markers["commit"], markers["purge-data"], markers["purge"]
+    runs = sorted(
+        (
+            ShardRun.from_json(store.get_json(k))
+            for k in store.list_keys(layout.shard_runs_prefix(batch))
+        ),
+        key=lambda r: (r.shard, r.submitted_at, r.attempt),
+    )
+    cfg: ModelConfig | None = None
+    try:
+        cfg = read_live(store, layout).generation.config
+    except Exception:  # noqa: BLE001 - the live generation is checked (and reported) later
+        pass
+    expected: dict[str, Any] = {
+        "hash.key_id": plan.key_id,
+        "subject_hashes": req.subject_hashes,
+        "record_hashes": req.record_hashes,
+        "requested_record_hashes": req.requested_record_hashes,
+        "held": held_counts(req),
+        "records_erased": len(req.record_hashes),
+        "request_shards": req.shards,
+        "outcome": req.outcome,
+        "summary": outcome_words(req),
+        "generation_before": plan.base_generation,
+        "shards": plan.affected_shards,
+        "estimate": plan.estimate.to_json(),
+        "generation_after": commit.get("generation", plan.base_generation),
+        "accuracy_after": commit.get("accuracy"),
+        "retrained": commit.get("retrained", {}),
+        "deleted_keys": sorted(set(data.get("deleted", [])) | set(purge.get("deleted", []))),
+        "tombstones": data.get("tombstones", []),
+        "source": data.get("source"),
+        "storage": purge.get("storage") or data.get("storage"),
+        "timings": certificate_timings(plan, markers),
+        "shard_runs": [r.to_json() for r in runs],
+        "ray_runs": sorted({r.run_id for r in runs}),
+    }
+    if cfg is not None:
+        t = cfg.trainer
+        expected["cost"] = total_cost(
+            runs,
+            cfg.prices,
+            plan.estimate.full_seconds * t.workers_per_shard * t.cpus_per_worker,
+            plan.estimate.full_seconds * t.workers_per_shard * t.gpus_per_worker,
+        ).to_json()
+    for name, want in expected.items():
+        v.count("claims cross-checked")
+        got = _field(cert, name)
+        if _norm(got) != _norm(want):
+            v.fail(name, "does not match what S3 holds for this batch")
+    for sha in cert.get("tombstones", []):
+        v.count("tombstones checked")
+        if not store.exists(layout.tombstone(sha)):
+            v.fail("tombstones", "a purged file has no tombstone (it could be written back)")
+    for shard, info in (cert.get("retrained") or {}).items():
+        for ckpt, run in zip(info.get("checkpoints", []), info.get("runs", []), strict=False):
+            if not ckpt:
+                continue
+            try:
+                record = store.get_json(ModelLayout.checkpoint_lineage_record(ckpt))
+            except NotFound:
+                continue  # replaced by a later erasure since: nothing left to compare
+            v.count("retrained checkpoints checked")
+            if record.get("run_id") != run:
+                v.fail(f"retrained.{shard}.runs", "another run trained that checkpoint")
+
+
+def _field(doc: dict[str, Any], dotted: str) -> Any:
+    cur: Any = doc
+    for part in dotted.split("."):
+        cur = cur.get(part) if isinstance(cur, dict) else None
+    return cur
+
+
+def _norm(x: Any) -> str:
+    return json.dumps(x, sort_keys=True)
+
+
+# -- every object, every version --------------------------------------------------------
+def _scan(
+    store: Store,
+    layout: ModelLayout,
+    erased: set[str],
+    keys: certs.Keys,
+    bucket_wide: bool,
+    progress: bool,
+    v: Verdict,
+) -> None:
+    from lethe.scan import scan
+
+    prefix = "" if bucket_wide else layout.root
+    report = scan(store, prefix, lambda tok: keys.id_hash(tok) in erased, progress=progress)
+    v.count("objects scanned", report.objects)
+    v.count("versions scanned", report.versions)
+    v.count("bytes scanned", report.bytes)
+    for f in report.findings:
+        v.fail(f"{f.key} (version {f.version})", f"holds {f.hits} erased id(s) ({f.where})")
+    for e in report.errors:
+        v.fail("scan", f"could not read {e}")
+    for folder in CONTENT_ADDRESSED:
+        for key, version, is_marker in store.list_versions(layout.root + folder):
+            if is_marker:
+                continue
+            v.count("content addresses checked")
+            if sha256_hex(store.get_version(key, version)) != sha_of_key(key):
+                v.fail(f"{key} (version {version})", "content does not match its hash")
+
+
+# -- checkpoints and lineage ------------------------------------------------------------
 def _verify_lineages(store: Store, layout: ModelLayout, live: Generation, v: Verdict) -> None:
     fingerprint = live.config.trainer_fingerprint()
     for k, shard in enumerate(live.shards):
@@ -119,17 +280,66 @@ def _verify_lineages(store: Store, layout: ModelLayout, live: Generation, v: Ver
                 continue
             v.count("live checkpoints checked")
             if sl.checkpoint != layout.checkpoint(k, r, expected[r]):
-                v.failures.append(
-                    f"shard {k} slice {r}: checkpoint {sl.checkpoint} does not "
-                    f"match the lineage of the live data"
+                v.fail(
+                    f"shard {k} slice {r}",
+                    f"checkpoint {sl.checkpoint} does not match the lineage of the live data",
                 )
                 continue
             try:
                 record = store.get_json(ModelLayout.checkpoint_lineage_record(sl.checkpoint))
             except NotFound:
-                v.failures.append(f"{sl.checkpoint}: lineage record missing")
+                v.fail(sl.checkpoint, "lineage record missing")
                 continue
             if record.get("data") != shas[: r + 1] or record.get("trainer") != fingerprint:
-                v.failures.append(f"{sl.checkpoint}: trained on other data than the live data")
+                v.fail(sl.checkpoint, "trained on other data than the live data")
             if not store.exists(sl.checkpoint):
-                v.failures.append(f"{sl.checkpoint}: live checkpoint missing")
+                v.fail(sl.checkpoint, "live checkpoint missing")
+
+
+def _verify_checkpoints(
+    store: Store, layout: ModelLayout, cert: dict[str, Any], v: Verdict
+) -> None:
+    """Every checkpoint object under the prefix, live or not, whatever its name: it must
+    have a lineage record, and that record must name no purged file."""
+    purged = tombstoned_shas(store, layout) | {
+        sha_of_key(k) for k in cert.get("deleted_keys", []) if k.endswith(".parquet")
+    }
+    seen = set()
+    for key, _version, is_marker in store.list_versions(layout.root + "checkpoints/"):
+        if is_marker or key in seen:
+            continue
+        seen.add(key)
+        if key.endswith(".json"):
+            try:
+                record = store.get_json(key)
+            except (NotFound, ValueError):
+                continue  # an old version only, or not a record: the scan read it
+            if set(record.get("data", [])) & purged:
+                v.fail(key, "a checkpoint trained on purged data remains")
+            continue
+        v.count("checkpoints checked")
+        try:
+            store.get_json(ModelLayout.checkpoint_lineage_record(key))
+        except NotFound:
+            v.fail(key, "a checkpoint without a lineage record (what was it trained on?)")
+        except ValueError:
+            v.fail(key, "its lineage record is unreadable")
+
+
+def _verify_deleted(store: Store, layout: ModelLayout, cert: dict[str, Any], v: Verdict) -> None:
+    deleted = set(cert.get("deleted_keys", []))
+    for key in sorted(deleted):
+        v.count("deleted keys checked")
+        left = store.versions_of(key)
+        if left:
+            v.fail(key, f"deleted, but {len(left)} version(s) remain")
+    for key, version, is_marker in store.list_versions(layout.generations_prefix):
+        if is_marker:
+            continue
+        try:
+            manifest = Generation.from_json(json.loads(store.get_version(key, version)))
+        except (ValueError, KeyError):
+            v.fail(key, "an unreadable generation manifest")
+            continue
+        if manifest.referenced_keys() & deleted:
+            v.fail(key, "a generation manifest still points at deleted data")

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 BUILTIN_MODELS = ("mlp", "cnn")
+SOURCE_POLICIES = ("patch", "delete-after-ingest", "external")
 
 
 class ConfigError(ValueError):
@@ -85,6 +86,13 @@ class ModelConfig:
     test_fraction: float = 0.2
     num_features: int = 0  # filled in by ingestion
     classes: tuple[str, ...] = ()  # label values, index = class id; filled in by ingestion
+    # Where the data came from and what an erasure does to it there: "patch" rewrites
+    # the source object without the erased rows (and deletes its older versions),
+    # "delete-after-ingest" deletes it once ingested, "external" leaves it to its owner
+    # (and every certificate says so).
+    source_uri: str = ""
+    source_format: str = "parquet"
+    source_policy: str = "external"
 
     def validate(self) -> None:
         if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
@@ -95,6 +103,15 @@ class ModelConfig:
             raise ConfigError("slices: must be at least 1")
         if not 0.0 <= self.test_fraction < 1.0:
             raise ConfigError("test_fraction: must be in [0, 1)")
+        if self.source_policy not in SOURCE_POLICIES:
+            raise ConfigError(
+                f"source_policy: {self.source_policy!r} is not one of {', '.join(SOURCE_POLICIES)}"
+            )
+        if self.source_policy != "external" and not self.source_uri.startswith("s3://"):
+            raise ConfigError(
+                f"source_policy: {self.source_policy!r} needs an s3:// source (Lethe can only "
+                "patch or delete objects it can reach); use 'external'"
+            )
         self.trainer.validate()
 
     def trainer_fingerprint(self) -> str:
@@ -126,4 +143,7 @@ class ModelConfig:
             test_fraction=float(d.get("test_fraction", 0.2)),
             num_features=int(d.get("num_features", 0)),
             classes=tuple(d.get("classes", ())),
+            source_uri=str(d.get("source_uri", "")),
+            source_format=str(d.get("source_format", "parquet")),
+            source_policy=str(d.get("source_policy", "external")),
         )

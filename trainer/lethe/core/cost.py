@@ -16,12 +16,15 @@ class ShardRun:
     shard: int
     run_id: str
     first_slice: int
-    slices_trained: int
     wall_seconds: float
-    train_seconds: float  # inside the worker, optimiser steps only
     cpu_seconds: float
     gpu_seconds: float
+    slices_trained: int = 0
+    train_seconds: float = 0.0  # inside the worker, optimiser steps only
     peak_rss_bytes: int = 0
+    attempt: str = ""  # one Ray Train run; a retried or killed run is another attempt
+    submitted_at: float = 0.0
+    finished: bool = True  # False: the run's last report before it ended or was killed
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)

@@ -1,4 +1,4 @@
-"""Stable hashes: shard and slice assignment, content addresses, salted ids.
+"""Stable hashes: shard and slice assignment, content addresses, keyed hashes of ids.
 
 Everything here must give the same answer on every machine and Python version, so
 nothing uses ``hash()``; all hashes are SHA-256.
@@ -7,6 +7,7 @@ nothing uses ``hash()``; all hashes are SHA-256.
 from __future__ import annotations
 
 import hashlib
+import hmac
 from collections.abc import Iterable
 
 
@@ -35,13 +36,16 @@ def is_test_subject(subject_id: str, test_fraction: float) -> bool:
     return _bucket("lethe-test", subject_id, 1_000_000) < int(test_fraction * 1_000_000)
 
 
-def salted_hash(salt: str, value: str) -> str:
-    """How ids appear in plans and certificates: never in the clear."""
-    return hashlib.sha256(f"{salt}\0{value}".encode()).hexdigest()
+def keyed_hash(key: bytes, value: str) -> str:
+    """How ids appear in plans and certificates: HMAC-SHA256 under the model's secret
+    key, never in the clear and never with a salt stored beside it, so that whoever
+    reads a certificate cannot test guesses of an id without the key."""
+    return hmac.new(key, value.encode(), hashlib.sha256).hexdigest()
 
 
-def salted_hashes(salt: str, values: Iterable[str]) -> list[str]:
-    return sorted({salted_hash(salt, v) for v in values})
+def key_id(key: bytes) -> str:
+    """Names an HMAC key without revealing it (certificates say which key hashed them)."""
+    return "hmac:" + keyed_hash(key, "lethe-key-id")[:16]
 
 
 def stable_id(prefix: str, parts: Iterable[str], length: int = 16) -> str:

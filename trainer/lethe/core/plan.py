@@ -1,7 +1,8 @@
 """Erasure plans: which shards and slices an erasure touches, and what it will cost.
 
-A plan never holds a subject id or a record id: only salted hashes. The patch
-step finds rows to drop by hashing each row's record id with the plan's salt.
+A plan never holds a subject id or a record id: only keyed hashes (HMAC under the
+model's secret key, see ``lethe.core.hashing.keyed_hash``). The patch step finds
+rows to drop by hashing each row's record id with that key.
 """
 
 from __future__ import annotations
@@ -27,12 +28,23 @@ class ErasureRequest:
             raise ValueError(f"request {self.uid}: names no subject and no record")
 
 
+ERASED, NOTHING_HELD = "Erased", "NothingHeld"
+
+
 @dataclass
 class RequestPlan:
     uid: str
-    subject_hashes: list[str]
+    subject_hashes: list[str]  # every subject the request named, held or not
     record_hashes: list[str]  # the records this request resolved to
     shards: list[int]
+    requested_record_hashes: list[str] = field(default_factory=list)  # named by record id
+    subjects_unmatched: int = 0  # named subjects of whom no record was held
+    records_unmatched: int = 0  # named record ids that were not held
+
+    @property
+    def outcome(self) -> str:
+        """NothingHeld is its own outcome: the model held none of what was named."""
+        return ERASED if self.record_hashes else NOTHING_HELD
 
     @property
     def nothing_to_erase(self) -> bool:
@@ -44,11 +56,22 @@ class RequestPlan:
             "subject_hashes": self.subject_hashes,
             "record_hashes": self.record_hashes,
             "shards": self.shards,
+            "requested_record_hashes": self.requested_record_hashes,
+            "subjects_unmatched": self.subjects_unmatched,
+            "records_unmatched": self.records_unmatched,
         }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> RequestPlan:
-        return cls(d["uid"], d["subject_hashes"], d["record_hashes"], d["shards"])
+        return cls(
+            d["uid"],
+            d["subject_hashes"],
+            d["record_hashes"],
+            d["shards"],
+            list(d.get("requested_record_hashes", [])),
+            int(d.get("subjects_unmatched", 0)),
+            int(d.get("records_unmatched", 0)),
+        )
 
 
 @dataclass
@@ -89,7 +112,7 @@ class CostEstimate:
 class ErasurePlan:
     batch_id: str
     model: str
-    salt: str
+    key_id: str  # which HMAC key hashed the ids (never the key itself)
     base_generation: int
     requested_at: float
     requests: list[RequestPlan]
@@ -110,7 +133,7 @@ class ErasurePlan:
         return {
             "batch_id": self.batch_id,
             "model": self.model,
-            "salt": self.salt,
+            "key_id": self.key_id,
             "base_generation": self.base_generation,
             "requested_at": self.requested_at,
             "requests": [r.to_json() for r in self.requests],
@@ -126,7 +149,7 @@ class ErasurePlan:
         return cls(
             batch_id=d["batch_id"],
             model=d["model"],
-            salt=d["salt"],
+            key_id=d["key_id"],
             base_generation=int(d["base_generation"]),
             requested_at=float(d["requested_at"]),
             requests=[RequestPlan.from_json(r) for r in d["requests"]],
