@@ -423,3 +423,28 @@ def test_no_erased_bytes_in_any_volume_file(
         if path.is_file():
             data = path.read_bytes()
             assert not any(b in data for b in bodies), path  # whole purged files
+
+
+def test_certificates_are_locked_where_the_bucket_has_object_lock(
+    store: Store, keys: Keys
+) -> None:
+    """SeaweedFS honours S3 Object Lock: a certificate written to a locked bucket cannot
+    be deleted, even by the credentials that wrote it."""
+    from botocore.exceptions import ClientError
+
+    from lethe import certs
+
+    locked = store.for_bucket(f"lethe-lock-{unique_model('b')}")
+    locked.client.create_bucket(Bucket=locked.bucket, ObjectLockEnabledForBucket=True)
+    assert locked.object_lock_enabled() and not store.object_lock_enabled()
+    layout = ModelLayout.of(unique_model("locked"))
+    doc = certs.append(locked, layout, "req-1", lambda chain: {"kind": "test"}, keys)
+    for key in (layout.certificate("req-1"), layout.certificate_chain(doc["chain"]["sequence"])):
+        (version, _), *_ = locked.versions_of(key)
+        retention = locked.client.get_object_retention(
+            Bucket=locked.bucket, Key=key, VersionId=version
+        )["Retention"]
+        assert retention["Mode"] == "COMPLIANCE"
+        with pytest.raises(ClientError):
+            locked.client.delete_object(Bucket=locked.bucket, Key=key, VersionId=version)
+        assert locked.versions_of(key)

@@ -419,6 +419,17 @@ def _safe_hash(doc: Any) -> str | None:
         return None
 
 
+DEFAULT_RETENTION_DAYS = 7 * 365  # how long a locked certificate cannot be deleted
+
+
+def retention_days(store: Store) -> int | None:
+    """Where the bucket has S3 Object Lock on, certificates are written in compliance
+    mode for ``$LETHE_CERT_RETENTION_DAYS`` (default 7 years); elsewhere None."""
+    if not store.object_lock_enabled():
+        return None
+    return int(os.environ.get("LETHE_CERT_RETENTION_DAYS") or DEFAULT_RETENTION_DAYS)
+
+
 def append(
     store: Store,
     layout: ModelLayout,
@@ -444,13 +455,14 @@ def append(
         return store.get_json(copy_key)
     except NotFound:
         pass
+    retain = retention_days(store)
     seqs, _ = _sequences(store, layout)
     doc = _find_own(store, layout, uid, seqs)
     if doc is None:
-        doc = _claim(store, layout, uid, build, keys, seqs[-1] if seqs else 0)
+        doc = _claim(store, layout, uid, build, keys, seqs[-1] if seqs else 0, retain)
     else:
         log.info("certificate chain: request found in the chain, copying it")
-    if store.put_json_if_absent(copy_key, doc):
+    if store.put_json_if_absent(copy_key, doc, retain):
         return doc
     return store.get_json(copy_key)  # a concurrent run of the same request copied first
 
@@ -462,6 +474,7 @@ def _claim(
     build: Callable[[dict[str, Any]], dict[str, Any]],
     keys: Keys,
     last: int,
+    retain: int | None = None,
 ) -> dict[str, Any]:
     """Sign and write the certificate into the first free slot after ``last``."""
     prev_doc = _read(store, layout.certificate_chain(last)) if last else None
@@ -481,7 +494,7 @@ def _claim(
         body.pop("signature", None)
         doc = sign(body, keys)
         key = layout.certificate_chain(n)
-        if store.put_json_if_absent(key, doc):
+        if store.put_json_if_absent(key, doc, retain):
             log.info("certificate chain: appended entry %d", n)
             return doc
         winner = _read(store, key)

@@ -591,8 +591,8 @@ class Engine:
         that was stale when it wrote them), then reclaim the bytes."""
         live = read_live(self.store, self.layout).generation
         deleted = self._delete(plan, set(), live)
-        storage = self._reclaim() if deleted else (self._marker(plan, "purge-data") or {}).get(
-            "storage"
+        storage = (
+            self._reclaim() if deleted else (self._marker(plan, "purge-data") or {}).get("storage")
         )
         self.progress("purge", f"{len(deleted)} more object(s) deleted with every version")
         return {"deleted": sorted(deleted), "storage": storage}

@@ -6,6 +6,7 @@ concurrent writers are serialised; no local lock is ever taken.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 from collections.abc import Iterator
@@ -142,18 +143,35 @@ class Store:
     def put_json(self, key: str, obj: Any) -> None:
         self.put(key, _dumps(obj), "application/json")
 
-    def put_if_absent(self, key: str, body: bytes) -> bool:
-        """Create key unless it exists. True if this call created it."""
+    def put_if_absent(self, key: str, body: bytes, retain_days: int | None = None) -> bool:
+        """Create key unless it exists. True if this call created it. ``retain_days``:
+        write it under S3 Object Lock in compliance mode (nobody can delete or
+        overwrite that version until then; the bucket must have Object Lock on)."""
+        lock: dict[str, Any] = {}
+        if retain_days:
+            lock = {
+                "ObjectLockMode": "COMPLIANCE",
+                "ObjectLockRetainUntilDate": dt.datetime.now(dt.UTC)
+                + dt.timedelta(days=retain_days),
+            }
         try:
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*")
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*", **lock)
             return True
         except botocore.exceptions.ClientError as e:
             if _code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
                 return False
             raise
 
-    def put_json_if_absent(self, key: str, obj: Any) -> bool:
-        return self.put_if_absent(key, _dumps(obj))
+    def put_json_if_absent(self, key: str, obj: Any, retain_days: int | None = None) -> bool:
+        return self.put_if_absent(key, _dumps(obj), retain_days)
+
+    def object_lock_enabled(self) -> bool:
+        """Whether the bucket has S3 Object Lock on (certificates are then locked)."""
+        try:
+            conf = self.client.get_object_lock_configuration(Bucket=self.bucket)
+        except botocore.exceptions.ClientError:
+            return False
+        return conf.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled"
 
     def put_if_match(self, key: str, body: bytes, etag: str) -> str:
         """Replace key only if it still has ``etag``; returns the new ETag."""
