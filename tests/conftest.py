@@ -19,7 +19,6 @@ import pytest
 
 from lethe import kubestack, localstack
 from lethe.certs import Keys
-from lethe.cli import ensure_dev_keys
 from lethe.core.config import ModelConfig, TrainerConfig
 from lethe.core.hashing import is_test_subject, shard_of, slice_of
 from lethe.ingest import ingest_table
@@ -33,10 +32,9 @@ _names = itertools.count()
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> localstack.StackState:
     state = tmp_path_factory.mktemp("stack")
+    # also the models' signing and HMAC keys: subprocesses (the CLI, the operator, Ray
+    # jobs started from here) inherit LETHE_KEYS_DIR with the rest of the stack's env
     st = localstack.up(state, bucket="lethe-test", num_cpus=2)
-    # the models' signing and HMAC keys, as `lethe dev up` makes them; subprocesses
-    # (the CLI, the operator, Ray jobs started from here) inherit LETHE_KEYS_DIR
-    os.environ["LETHE_KEYS_DIR"] = str(ensure_dev_keys(state))
     yield st
     localstack.down(state)
 

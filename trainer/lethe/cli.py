@@ -45,16 +45,17 @@ def _store(args: argparse.Namespace) -> Store:
 
 
 def _load_dev_env(args: argparse.Namespace) -> None:
-    """Use the local stack's settings when nothing else is configured."""
-    import os
+    """Use the local stack's settings only when asked (``--dev``): on AWS the endpoint
+    is unset as a rule, and a dev stack that happens to run must not catch the command."""
 
     from lethe import localstack
 
-    if os.environ.get("LETHE_S3_ENDPOINT") or args.endpoint:
+    if not args.dev:
         return
     st = localstack.read_state(Path(args.state_dir))
-    if st:
-        st.apply()
+    if st is None:
+        raise UsageError(f"--dev: no running local stack in {args.state_dir} (lethe dev up)")
+    st.apply()
 
 
 def _layout(args: argparse.Namespace) -> ModelLayout:
@@ -288,23 +289,12 @@ def cmd_dev(args: argparse.Namespace) -> dict[str, Any]:
         return {"stopped": kubestack.stop(state) | localstack.down(state)}
     st = localstack.up(state)
     env = st.env()
-    env["LETHE_KEYS_DIR"] = str(ensure_dev_keys(state))
     if not args.no_kube:
         kube = kubestack.read_state(state) or kubestack.start(state)
         env["KUBECONFIG"] = str(Path(kube.kubeconfig).resolve())
     env["LETHE_METRICS_URL"] = f"http://127.0.0.1:{args.metrics_port}/metrics"
     (state / "env").write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
     return {"state_dir": str(state), "env": str(state / "env"), **env}
-
-
-def ensure_dev_keys(state: Path) -> Path:
-    """The local stack's keys (``<state>/keys``), made once."""
-    from lethe.certs import Keys
-
-    where = state / "keys"
-    if not (where / "hmac-key").exists():
-        Keys.generate().save(where)
-    return where.resolve()
 
 
 def cmd_operator(args: argparse.Namespace) -> dict[str, Any]:
@@ -325,6 +315,9 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--prefix", default="", help="key prefix above the model")
     common.add_argument("--ray-address", help="Ray cluster address (env RAY_ADDRESS)")
     common.add_argument("--state-dir", default=".lethe/dev", help="local stack state directory")
+    common.add_argument(
+        "--dev", action="store_true", help="use the running `lethe dev` stack's settings"
+    )
     common.add_argument(
         "--json", action="store_true", help="print one JSON object as the last line of stdout"
     )

@@ -76,9 +76,7 @@ def run_demo(json_mode: bool = False, keep: bool = False, engine: bool = False) 
             if started:
                 localstack.up(state_dir, bucket="lethe-demo")
         if not os.environ.get("LETHE_KEYS_DIR"):  # the certificates' signing and HMAC keys
-            from lethe.cli import ensure_dev_keys
-
-            os.environ["LETHE_KEYS_DIR"] = str(ensure_dev_keys(state_dir))
+            os.environ["LETHE_KEYS_DIR"] = str(localstack.ensure_keys(state_dir))
         store = Store(S3Settings.from_env())
         store.ensure_bucket()
         table, subject = digits_table()

@@ -598,72 +598,17 @@ class Engine:
         return {"deleted": sorted(deleted), "storage": storage}
 
     # -- step 8: certify ---------------------------------------------------------------
-    def runs_of(self, plan: ErasurePlan) -> list[ShardRun]:
-        """Every Ray Train run of this batch, finished or not, from the runs' own reports."""
-        prefix = self.layout.shard_runs_prefix(plan.batch_id)
-        runs = [ShardRun.from_json(self.store.get_json(k)) for k in self.store.list_keys(prefix)]
-        return sorted(runs, key=lambda r: (r.shard, r.submitted_at, r.attempt))
-
     def _certify(self, plan: ErasurePlan) -> dict[str, Any]:
         from lethe import certs
 
         keys = load_keys(self.keys)
-        markers = {s: self._marker(plan, s) or {} for s in STEPS}
-        runs = self.runs_of(plan)
-        cfg = read_live(self.store, self.layout).generation.config
-        full_resources = cfg.trainer.workers_per_shard
-        cost = total_cost(
-            runs,
-            cfg.prices,
-            plan.estimate.full_seconds * full_resources * cfg.trainer.cpus_per_worker,
-            plan.estimate.full_seconds * full_resources * cfg.trainer.gpus_per_worker,
-        )
-        timings = certificate_timings(plan, markers)
-        commit = markers["commit"]
-        base = {
-            "kind": "lethe.dev/ErasureCertificate",
-            "version": 2,
-            "bucket": self.store.bucket,
-            "model_prefix": self.layout.prefix,
-            "batch_id": plan.batch_id,
-            "hash": {"alg": "hmac-sha256", "key_id": plan.key_id},
-            "generation_before": plan.base_generation,
-            "generation_after": commit.get("generation", plan.base_generation),
-            "accuracy_after": commit.get("accuracy"),
-            "shards": plan.affected_shards,
-            "retrained": commit.get("retrained", {}),
-            "deleted_keys": sorted(
-                set(markers["purge-data"].get("deleted", []))
-                | set(markers["purge"].get("deleted", []))
-            ),
-            "tombstones": markers["purge-data"].get("tombstones", []),
-            "source": markers["purge-data"].get("source"),
-            "storage": markers["purge"].get("storage") or markers["purge-data"].get("storage"),
-            "ray_runs": sorted({r.run_id for r in runs}),
-            "shard_runs": [r.to_json() for r in runs],
-            "timings": timings,
-            "cost": cost.to_json(),
-            "estimate": plan.estimate.to_json(),
-            "signed_key": keys.fingerprint,
-        }
+        evidence = BatchEvidence.read(self.store, self.layout, plan)
         certificates: dict[str, str] = {}
         outcomes: dict[str, Any] = {}
         for req in plan.requests:
 
             def build(chain: dict[str, Any], req: RequestPlan = req) -> dict[str, Any]:
-                return {
-                    **base,
-                    "request_uid": req.uid,
-                    "chain": chain,
-                    "outcome": req.outcome,
-                    "summary": outcome_words(req),
-                    "subject_hashes": req.subject_hashes,
-                    "record_hashes": req.record_hashes,
-                    "requested_record_hashes": req.requested_record_hashes,
-                    "held": held_counts(req),
-                    "records_erased": len(req.record_hashes),
-                    "request_shards": req.shards,
-                }
+                return {**evidence.certificate_body(req), "chain": chain}
 
             certs.append(self.store, self.layout, req.uid, build, keys)
             key = self.layout.certificate(req.uid)
@@ -675,6 +620,8 @@ class Engine:
                 "records_unmatched": req.records_unmatched,
                 "certificate": key,
             }
+        base = evidence.certificate_body(plan.requests[0]) if plan.requests else {}
+        runs = evidence.runs
         result = {
             "batch_id": plan.batch_id,
             "model": self.model,
@@ -684,15 +631,15 @@ class Engine:
             "shards": plan.affected_shards,
             "certificates": certificates,
             "outcomes": outcomes,
-            "generation_before": base["generation_before"],
-            "generation_after": base["generation_after"],
-            "accuracy_after": base["accuracy_after"],
-            "timings": timings,
-            "cost": cost.to_json(),
+            "generation_before": base.get("generation_before"),
+            "generation_after": base.get("generation_after"),
+            "accuracy_after": base.get("accuracy_after"),
+            "timings": base.get("timings"),
+            "cost": base.get("cost"),
             "estimate": plan.estimate.to_json(),
-            "shard_runs": base["shard_runs"],
-            "deleted_keys": len(base["deleted_keys"]),
-            "storage": base["storage"],
+            "shard_runs": base.get("shard_runs", []),
+            "deleted_keys": len(base.get("deleted_keys", [])),
+            "storage": base.get("storage"),
         }
         self.store.put_json_if_absent(self.layout.result(plan.batch_id), result)
         _crash_point("certify")
@@ -731,6 +678,77 @@ def request_uid(model: str, subjects: Iterable[str], records: Iterable[str]) -> 
     """A deterministic uid for requests made on the command line (the operator uses
     the ErasureRequest's metadata.uid), so repeating a command resumes its batch."""
     return stable_id("req", [model, "subjects", *sorted(subjects), "records", *sorted(records)])
+
+
+CERTIFICATE_KIND, CERTIFICATE_VERSION = "lethe.dev/ErasureCertificate", 2
+
+
+@dataclass
+class BatchEvidence:
+    """What S3 holds about one batch: its plan, step markers and the runs' own
+    reports. A certificate is derived from it alone, so ``verify`` derives it again
+    and compares, field by field: a certificate cannot claim what S3 does not show."""
+
+    store: Store
+    layout: ModelLayout
+    plan: ErasurePlan
+    markers: dict[str, dict[str, Any]]
+    runs: list[ShardRun]
+    config: ModelConfig
+
+    @classmethod
+    def read(cls, store: Store, layout: ModelLayout, plan: ErasurePlan) -> BatchEvidence:
+        markers = {}
+        for step in STEPS:
+            try:
+                markers[step] = store.get_json(layout.step(plan.batch_id, step))
+            except NotFound:
+                markers[step] = {}
+        prefix = layout.shard_runs_prefix(plan.batch_id)
+        runs = [ShardRun.from_json(store.get_json(k)) for k in store.list_keys(prefix)]
+        runs.sort(key=lambda r: (r.shard, r.submitted_at, r.attempt))
+        config = read_live(store, layout).generation.config
+        return cls(store, layout, plan, markers, runs, config)
+
+    def certificate_body(self, req: RequestPlan) -> dict[str, Any]:
+        """The certificate of ``req``, unsigned and without its chain link."""
+        plan, markers, runs, t = self.plan, self.markers, self.runs, self.config.trainer
+        full = plan.estimate.full_seconds * t.workers_per_shard
+        cost = total_cost(
+            runs, self.config.prices, full * t.cpus_per_worker, full * t.gpus_per_worker
+        )
+        commit, data, purge = markers["commit"], markers["purge-data"], markers["purge"]
+        return {
+            "kind": CERTIFICATE_KIND,
+            "version": CERTIFICATE_VERSION,
+            "bucket": self.store.bucket,
+            "model_prefix": self.layout.prefix,
+            "batch_id": plan.batch_id,
+            "request_uid": req.uid,
+            "hash": {"alg": "hmac-sha256", "key_id": plan.key_id},
+            "outcome": req.outcome,
+            "summary": outcome_words(req),
+            "subject_hashes": req.subject_hashes,
+            "record_hashes": req.record_hashes,
+            "requested_record_hashes": req.requested_record_hashes,
+            "held": held_counts(req),
+            "records_erased": len(req.record_hashes),
+            "request_shards": req.shards,
+            "generation_before": plan.base_generation,
+            "generation_after": commit.get("generation", plan.base_generation),
+            "accuracy_after": commit.get("accuracy"),
+            "shards": plan.affected_shards,
+            "retrained": commit.get("retrained", {}),
+            "deleted_keys": sorted(set(data.get("deleted", [])) | set(purge.get("deleted", []))),
+            "tombstones": data.get("tombstones", []),
+            "source": data.get("source"),
+            "storage": purge.get("storage") or data.get("storage"),
+            "ray_runs": sorted({r.run_id for r in runs}),
+            "shard_runs": [r.to_json() for r in runs],
+            "timings": certificate_timings(plan, markers),
+            "cost": cost.to_json(),
+            "estimate": plan.estimate.to_json(),
+        }
 
 
 def make_plan(

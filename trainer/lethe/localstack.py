@@ -86,6 +86,7 @@ class StackState:
     # Defaults so that a stack.json written before these fields existed still loads.
     seaweedfs_master: str = ""  # master HTTP URL: vacuum and volume status (lethe.reclaim)
     seaweedfs_dir: str = ""  # the server's -dir: volume files (*.dat, *.idx) and filer store
+    keys_dir: str = ""  # the models' signing and HMAC keys (lethe.certs), made once
 
     def env(self) -> dict[str, str]:
         out = {
@@ -100,6 +101,8 @@ class StackState:
         }
         if self.seaweedfs_master:
             out["LETHE_SEAWEEDFS_MASTER"] = self.seaweedfs_master
+        if self.keys_dir:
+            out["LETHE_KEYS_DIR"] = self.keys_dir
         return out
 
     def apply(self) -> None:
@@ -239,6 +242,16 @@ def read_state(state_dir: Path = DEFAULT_STATE) -> StackState | None:
     return st
 
 
+def ensure_keys(state_dir: Path) -> Path:
+    """The local stack's keys (``<state>/keys``): made once, never overwritten."""
+    from lethe.certs import HMAC_KEY_FILE, Keys
+
+    where = (state_dir / "keys").resolve()
+    if not (where / HMAC_KEY_FILE).exists():
+        Keys.generate().save(where)
+    return where
+
+
 def up(
     state_dir: Path = DEFAULT_STATE, bucket: str = "lethe", num_cpus: int | None = None
 ) -> StackState:
@@ -265,6 +278,7 @@ def up(
         ray_pid,
         seaweedfs_master=sw.master,
         seaweedfs_dir=str(sw.data_dir.resolve()),
+        keys_dir=str(ensure_keys(state_dir)),
     )
     (state_dir / "stack.json").write_text(json.dumps(asdict(st), indent=1))
     (state_dir / "env").write_text("".join(f"export {k}={v}\n" for k, v in st.env().items()))
