@@ -99,13 +99,23 @@ def apply(kube: kubestack.KubeState, *objs: dict[str, Any]) -> None:
 
 
 def erasure_request(
-    name: str, subjects: list[str], model: str, namespace: str = "default"
+    name: str,
+    subjects: list[str],
+    model: str | None = None,
+    namespace: str = "default",
+    targets: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """A request for ``subjects`` in ``model``, or in ``targets`` (``{"allModels": True}``,
+    ``{"modelSelector": {...}}``) instead."""
     return {
         "apiVersion": "lethe.dev/v1alpha1",
         "kind": "ErasureRequest",
         "metadata": {"name": name, "namespace": namespace},
-        "spec": {"modelRef": {"name": model}, "subjects": subjects, "reason": "test"},
+        "spec": {
+            **(targets or {"modelRef": {"name": model}}),
+            "subjects": subjects,
+            "reason": "test",
+        },
     }
 
 
@@ -129,8 +139,12 @@ def digits_model(
     namespace: str = "default",
     ray: dict[str, Any] | None = None,
     policy: dict[str, Any] | None = None,
+    shards: int = 3,
+    slices: int = 2,
+    **spec: Any,
 ) -> dict[str, Any]:
-    """A small ShardedModel on the built-in digits data (trains in well under a minute)."""
+    """A small ShardedModel on the built-in digits data (trains in well under a minute);
+    ``spec`` adds or replaces top-level spec fields (``certificates=...``)."""
     return {
         "apiVersion": "lethe.dev/v1alpha1",
         "kind": "ShardedModel",
@@ -143,8 +157,8 @@ def digits_model(
                 "credentialsSecret": {"name": "lethe-s3"},
             },
             "dataset": {"uri": "builtin:digits"},
-            "shards": 3,
-            "slices": 2,
+            "shards": shards,
+            "slices": slices,
             "trainer": {
                 "model": "mlp",
                 "epochs": 6,
@@ -155,6 +169,7 @@ def digits_model(
             "ray": ray or {"address": stack.ray_dashboard, "maxRetries": 1},
             "erasurePolicy": policy
             or {"batchWindowSeconds": 4, "maxBatchSize": 10, "ttlSecondsAfterFinished": 3600},
+            **spec,
         },
     }
 
@@ -208,3 +223,66 @@ def train_subjects(n: int, offset: int = 0) -> list[str]:
     )
     assert offset + n <= len(subs)
     return subs[offset : offset + n]
+
+
+def records_of(subjects: list[str]) -> list[str]:
+    """The digits record ids these subjects own."""
+    table, _ = digits_table()
+    wanted = set(subjects)
+    ids, owners = table.column("record_id").to_pylist(), table.column("subject_id").to_pylist()
+    return [r for r, s in zip(ids, owners, strict=True) if s in wanted]
+
+
+def versions_holding(store: Store, prefix: str, ids: set[str]) -> list[str]:
+    """Every object version under ``prefix`` that still holds one of ``ids``: Parquet
+    files decoded (every column of strings), everything else but checkpoints as bytes."""
+    from lethe import dataio
+
+    found = []
+    for key, version, is_marker in store.list_versions(prefix):
+        if is_marker or key.endswith(".pt"):
+            continue
+        body = store.get_version(key, version)
+        if key.endswith(".parquet"):
+            table = dataio.decode(body)
+            values = {
+                v
+                for name in table.column_names
+                if str(table.schema.field(name).type) in ("string", "large_string")
+                for v in table.column(name).to_pylist()
+            }
+            hit = bool(values & ids)
+        else:
+            hit = any(i.encode() in body for i in ids)
+        if hit:
+            found.append(f"{key}@{version}")
+    return found
+
+
+def events_of(kube: kubestack.KubeState, name: str, namespace: str = "default") -> list[dict]:
+    r = kubectl(
+        kube,
+        "-n",
+        namespace,
+        "get",
+        "events",
+        "--field-selector",
+        f"involvedObject.name={name}",
+        "-o",
+        "json",
+    )
+    assert r.returncode == 0, r.stderr
+    return list(json.loads(r.stdout)["items"])
+
+
+def exists(kube: kubestack.KubeState, kind: str, name: str, namespace: str = "default") -> bool:
+    return kubectl(kube, "-n", namespace, "get", kind, name).returncode == 0
+
+
+def metric(text: str, name: str, **labels: str) -> float | None:
+    """The value of one series in a /metrics page (None if it is not there)."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{want}}} "):
+            return float(line.rsplit(" ", 1)[1])
+    return None

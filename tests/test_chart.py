@@ -33,6 +33,7 @@ ALL_ON: dict[str, Any] = {
     "operator": {
         "s3Endpoint": "https://s3.example.com",
         "s3CredentialsSecret": "lethe-s3",
+        "keysSecret": "lethe-keys",
         "extraEnv": [{"name": "EXTRA", "value": "1"}],
     },
     "metrics": {
@@ -179,6 +180,13 @@ def test_all_on_render(tmp_path: Path) -> None:
     assert env["LETHE_S3_ENDPOINT"]["value"] == "https://s3.example.com"
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "lethe-s3"
     assert env["EXTRA"]["value"] == "1"
+    # the operator's own certificate keys: a read-only Secret volume, as LETHE_KEYS_DIR
+    assert env["LETHE_KEYS_DIR"]["value"] == "/etc/lethe/keys"
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "keys")
+    assert mount == {"name": "keys", "mountPath": "/etc/lethe/keys", "readOnly": True}
+    (keys,) = [v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == "keys"]
+    assert keys["secret"]["secretName"] == "lethe-keys"
+    assert {i["key"] for i in keys["secret"]["items"]} == {"signing-key.pem", "hmac-key"}
     for cm in by_kind(docs, "ConfigMap"):
         assert cm["metadata"]["namespace"] == "monitoring"
         assert cm["metadata"]["annotations"]["k8s-sidecar-target-directory"] == "Lethe"
@@ -242,6 +250,7 @@ def test_dashboards_and_rules_are_templated_from_their_files(tmp_path: Path) -> 
         ({"resources": {"requests": {"cpu": "lots"}}}, "at '/resources/requests/cpu'"),
         ({"metrics": {"serviceMonitor": {"interval": 30}}}, "serviceMonitor/interval"),
         ({"exampleModel": {"spec": "digits"}}, "at '/exampleModel/spec': got string, want object"),
+        ({"operator": {"keysSecret": "Bad_Name"}}, "at '/operator/keysSecret'"),
     ],
 )
 def test_schema_rejects_wrong_values(tmp_path: Path, values: dict, message: str) -> None:

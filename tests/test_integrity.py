@@ -425,9 +425,7 @@ def test_no_erased_bytes_in_any_volume_file(
             assert not any(b in data for b in bodies), path  # whole purged files
 
 
-def test_certificates_are_locked_where_the_bucket_has_object_lock(
-    store: Store, keys: Keys
-) -> None:
+def test_certificates_are_locked_where_the_bucket_has_object_lock(store: Store, keys: Keys) -> None:
     """SeaweedFS honours S3 Object Lock: a certificate written to a locked bucket cannot
     be deleted, even by the credentials that wrote it."""
     from botocore.exceptions import ClientError

@@ -16,13 +16,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metrics-host", default=os.environ.get("LETHE_METRICS_HOST", "127.0.0.1"))
     args = p.parse_args(argv)
 
-    import logging
     import warnings
 
     import kopf
     from prometheus_client import start_http_server
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # kopf's formatter prefixes each message about an object with [namespace/name]
+    kopf.configure(log_format="%(asctime)s %(levelname)s %(name)s %(message)s", log_prefix=True)
     # the local stack's self-signed API server certificate (insecure-skip-tls-verify)
     warnings.filterwarnings("ignore", message="Unverified HTTPS request")
 

@@ -1,16 +1,16 @@
-"""Thin kopf handlers: translate between the API and ``control``."""
+"""Thin kopf handlers: translate between the API and ``control`` / ``erasures``."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import kopf
-from kubernetes import client as k8s
 
-from lethe_operator import control
-from lethe_operator.control import GROUP, MODELS, REQUESTS, VERSION
+from lethe_operator import control, erasures
+from lethe_operator.context import GROUP, MODELS, REQUESTS, VERSION
 
 TICK = 2.0  # seconds between steps of a model's batch state machine
+WAIT_FOR_PLAN = 2.0  # seconds a deleted request waits before looking for its batch's plan
 
 
 class _Events:
@@ -24,6 +24,9 @@ class _Events:
 
     def warning(self, reason: str, message: str) -> None:
         kopf.warn(self.body, reason=reason, message=message)
+
+    def about(self, body: dict[str, Any]) -> _Events:
+        return _Events(body)
 
 
 @kopf.on.startup()
@@ -58,26 +61,19 @@ def model_tick(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
 @kopf.on.create(GROUP, VERSION, REQUESTS)
 @kopf.on.resume(GROUP, VERSION, REQUESTS)
 def request_created(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    status = control.accept_request(dict(body), _Events(body))
+    try:
+        status = erasures.accept_request(dict(body), _Events(body))
+    except erasures.NotReady as e:
+        raise kopf.TemporaryError(str(e), delay=10) from None
     for key, value in status.items():
         patch.status[key] = value
 
 
-@kopf.timer(GROUP, VERSION, REQUESTS, interval=30.0, idle=5.0)
-def request_ttl(body: kopf.Body, **_: Any) -> None:
-    """Delete finished requests after the model's TTL (the certificate stays in S3)."""
-    st = body.get("status") or {}
-    if st.get("phase") not in control.FINISHED:
-        return
-    ttl = 86400
+@kopf.on.delete(GROUP, VERSION, REQUESTS)
+def request_deleted(body: kopf.Body, **_: Any) -> None:
+    """The finalizer: a request deleted before its batch is cancelled; one in a named
+    batch waits for the batch's plan, then goes (its rows are erased all the same)."""
     try:
-        model = k8s.CustomObjectsApi().get_namespaced_custom_object(
-            GROUP, VERSION, body["metadata"]["namespace"], MODELS, body["spec"]["modelRef"]["name"]
-        )
-        ttl = int(model["spec"].get("erasurePolicy", {}).get("ttlSecondsAfterFinished", ttl))
-    except k8s.exceptions.ApiException:
-        pass
-    if control.expired(dict(body), ttl):
-        k8s.CustomObjectsApi().delete_namespaced_custom_object(
-            GROUP, VERSION, body["metadata"]["namespace"], REQUESTS, body["metadata"]["name"]
-        )
+        erasures.forget_request(dict(body), _Events(body))
+    except erasures.BatchNotPlanned as e:
+        raise kopf.TemporaryError(str(e), delay=WAIT_FOR_PLAN) from None

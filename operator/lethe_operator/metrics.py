@@ -45,11 +45,15 @@ full_retrain_usd = Counter(
 shards_retrained = Counter("lethe_shards_retrained_total", "Shards retrained", LABELS)
 slices_retrained = Counter("lethe_slices_retrained_total", "Slices retrained", LABELS)
 records_erased = Counter("lethe_records_erased_total", "Records erased", LABELS)
-pending = Gauge("lethe_pending_requests", "Requests accepted and not finished", LABELS)
+pending = Gauge(
+    "lethe_pending_requests",
+    "Requests whose erasure is not certified yet (failed retrains awaiting a retry included)",
+    LABELS,
+)
 quarantined = Gauge("lethe_quarantined_shards", "Shards out of service", LABELS)
 deadline_left = Gauge(
     "lethe_nearest_deadline_seconds",
-    "Seconds left to the nearest deadline of a pending request "
+    "Seconds left to the nearest deadline of a request not certified yet "
     "(the policy's whole deadline when none is pending)",
     LABELS,
 )
