@@ -21,8 +21,15 @@ from lethe.store import NotFound, Store
 
 
 def tombstoned_shas(store: Store, layout: ModelLayout) -> set[str]:
-    """Content hashes of every file purged for holding erased rows (one LIST)."""
+    """Content hashes of every file purged for holding erased rows (a LIST: for the
+    purge's sweep and verify, which look at every checkpoint)."""
     return {sha_of_key(k) for k in store.list_keys(layout.tombstones_prefix)}
+
+
+def tombstoned_among(store: Store, layout: ModelLayout, shas: Iterable[str]) -> set[str]:
+    """Which of ``shas`` have a tombstone: one HEAD each, so the commit path costs the
+    same however many erasures the model has had."""
+    return {sha for sha in set(shas) if store.exists(layout.tombstone(sha))}
 
 
 def lineage_record_ok(
@@ -44,11 +51,13 @@ def adopt_checkpoints(
     """Fill in, in place, every missing checkpoint of ``shards`` that exists in S3 with
     a lineage record matching the live data. Returns True if anything changed."""
     changed = False
-    tombstones = tombstoned_shas(store, layout)
     fingerprint = gen.config.trainer_fingerprint()
     for k in shards:
         slices = gen.shards[k].slices
+        if all(sl.checkpoint is not None for sl in slices):
+            continue
         shas = [s.data.sha256 for s in slices]
+        tombstones = tombstoned_among(store, layout, shas)
         for r, sl in enumerate(slices):
             if sl.checkpoint is not None:
                 continue

@@ -37,7 +37,7 @@ import numpy as np
 
 from lethe import dataio
 from lethe.certs import Keys
-from lethe.checkpoints import adopt_checkpoints, tombstoned_shas
+from lethe.checkpoints import adopt_checkpoints, tombstoned_among, tombstoned_shas
 from lethe.core.config import ModelConfig
 from lethe.core.cost import ShardRun, total_cost
 from lethe.core.hashing import key_id, shard_of, stable_id
@@ -536,8 +536,8 @@ class Engine:
 
     def _stale(self, tasks: list[Any]) -> bool:
         """Whether a run's input was purged while it ran (its failure is then no failure)."""
-        tombstones = tombstoned_shas(self.store, self.layout)
-        return any(d["sha256"] in tombstones for t in tasks for d in t.data)
+        shas = {d["sha256"] for t in tasks for d in t.data}
+        return bool(tombstoned_among(self.store, self.layout, shas))
 
     def _commit(self, plan: ErasurePlan) -> tuple[Live, float | None]:
         """Adopt the new checkpoints and release the shards; returns the live generation

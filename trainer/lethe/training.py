@@ -89,13 +89,12 @@ def _already_trained(store: Store, task: ShardTask, cfg: ModelConfig, r: int) ->
 
 
 def _purged_meanwhile(store: Store, task: ShardTask, upto: int) -> bool:
+    """Whether any input of slices 0..upto has a tombstone (one HEAD per input file,
+    however many tombstones the model has)."""
     if not task.tombstones_prefix:
         return False
     shas = {d["sha256"] for d in task.data[: upto + 1]}
-    return any(
-        k.rsplit("/", 1)[-1].removesuffix(".json") in shas
-        for k in store.list_keys(task.tombstones_prefix)
-    )
+    return any(store.exists(f"{task.tombstones_prefix}{sha}.json") for sha in sorted(shas))
 
 
 def _peak_rss() -> int:
@@ -146,6 +145,7 @@ def train_shard_loop(config: dict[str, Any]) -> None:
     xs: list[np.ndarray] = []
     ys: list[np.ndarray] = []
     train_seconds = 0.0
+    trained = 0  # slices trained by this run (not loaded from another writer's checkpoint)
     for r in range(cfg.slices):
         try:
             body = store.get(task.data[r]["key"])
@@ -169,6 +169,7 @@ def train_shard_loop(config: dict[str, Any]) -> None:
                 optimizer.load_state_dict(state["optimizer"])
             ray.train.report({"slice": r, "train_seconds": train_seconds, "skipped": 1})
             continue
+        trained += 1
         t0 = time.perf_counter()
         X = torch.from_numpy(np.concatenate(xs)).to(device)
         Y = torch.from_numpy(np.concatenate(ys)).to(device)
@@ -224,12 +225,17 @@ def train_shard_loop(config: dict[str, Any]) -> None:
                 task,
                 cfg,
                 updated_at=time.time(),
-                slices_trained=r + 1 - task.first_slice,
+                slices_trained=trained,
                 train_seconds=train_seconds,
                 peak_rss_bytes=_peak_rss(),
                 finished=False,
             )
-        metrics = {"slice": r, "train_seconds": train_seconds, "peak_rss": _peak_rss()}
+        metrics = {
+            "slice": r,
+            "train_seconds": train_seconds,
+            "peak_rss": _peak_rss(),
+            "slices_trained": trained,
+        }
         if rank == 0 and r == cfg.slices - 1:
             # Ray Train v2 hands back only metrics that come with a checkpoint; this one
             # is a few bytes in the local run directory (the model went to S3 above).
@@ -353,7 +359,7 @@ class RayTrainer:
             shard=task.shard,
             run_id=task.run_id,
             first_slice=task.first_slice,
-            slices_trained=cfg.slices - task.first_slice,
+            slices_trained=int(metrics.get("slices_trained", cfg.slices - task.first_slice)),
             wall_seconds=wall,
             train_seconds=float(metrics.get("train_seconds", 0.0)),
             cpu_seconds=wall * workers * tc.cpus_per_worker,
