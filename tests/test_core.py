@@ -160,3 +160,18 @@ def test_ray_reason_keeps_what_failed_and_the_last_error() -> None:
     assert got.startswith("Job entrypoint command failed with exit code 1")
     assert got.endswith("RuntimeError: injected training failure") and len(got) <= 600
     assert ray_reason("STOPPED by user") == "STOPPED by user"
+
+
+def test_source_policy_is_checked_naming_the_field() -> None:
+    from dataclasses import replace
+
+    import pytest
+
+    from lethe.core.config import ConfigError, ModelConfig
+
+    base = ModelConfig(name="m", shards=1, slices=1)
+    with pytest.raises(ConfigError, match="source_policy"):
+        replace(base, source_policy="shred").validate()
+    with pytest.raises(ConfigError, match="source_policy.*s3://"):  # a local file: unreachable
+        replace(base, source_policy="patch", source_uri="/data/x.parquet").validate()
+    replace(base, source_policy="patch", source_uri="s3://b/k.parquet").validate()

@@ -449,3 +449,19 @@ def test_certificates_are_locked_where_the_bucket_has_object_lock(store: Store, 
         with pytest.raises(ClientError):
             locked.client.delete_object(Bucket=locked.bucket, Key=key, VersionId=version)
         assert locked.versions_of(key)
+
+
+def test_a_dead_writers_lease_is_taken_over_a_live_one_is_not(store: Store) -> None:
+    """A retrain whose holder died must not block the lineage for ever; a live holder's
+    lease must not be stolen; the same batch rerun after a crash takes its own back."""
+    layout, cfg, _ = ingest_small(store, shards=1, slices=1)
+    e = Engine(store, layout, None, claim_ttl_seconds=60)
+    plan = type("P", (), {"batch_id": "batch-mine"})()
+    key = layout.claim(0, "f" * 64)
+    store.put_json(key, {"owner": "batch-other", "expires": time.time() + 60})
+    assert not e._claim(plan, key)  # live: wait for it
+    store.put_json(key, {"owner": "batch-other", "expires": time.time() - 1})
+    assert e._claim(plan, key)  # expired: its holder died
+    assert store.get_json(key)["owner"] == "batch-mine"
+    store.put_json(key, {"owner": "batch-mine", "expires": time.time() + 60})
+    assert e._claim(plan, key)  # our own, from before a crash

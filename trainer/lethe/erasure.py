@@ -29,7 +29,8 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -315,7 +316,7 @@ class Engine:
                 self.layout.tombstone(sha_of_key(key)), {"batch": plan.batch_id, "key": key}
             )
         deleted = self._delete(plan, tainted, live)
-        source = self._erase_from_source(plan)
+        source = self._erase_from_source(plan, live.config)
         storage = self._reclaim()
         self.progress("purge-data", f"{len(deleted)} object(s) holding erased rows deleted")
         return {
@@ -342,12 +343,11 @@ class Engine:
             deleted[key] = self.store.purge(key)
         return deleted
 
-    def _erase_from_source(self, plan: ErasurePlan) -> dict[str, Any]:
+    def _erase_from_source(self, plan: ErasurePlan, cfg: ModelConfig) -> dict[str, Any]:
         """Apply the model's source policy: ``patch`` rewrites the source object without
         the erased rows and deletes its older versions; otherwise say what holds."""
         from lethe.ingest import source_rows_without
 
-        cfg = read_live(self.store, self.layout).generation.config
         policy, uri = cfg.source_policy, cfg.source_uri
         if policy != "patch" or not uri.startswith("s3://"):
             what = {
@@ -473,32 +473,26 @@ class Engine:
         except PreconditionFailed:
             return False
 
-    def _holding(self, keys: list[str], plan: ErasurePlan) -> Any:
+    @contextmanager
+    def _holding(self, keys: list[str], plan: ErasurePlan) -> Iterator[None]:
         """Renew these leases while the body runs; release them afterwards."""
-        engine = self
+        stop = threading.Event()
 
-        class _Lease:
-            def __enter__(self) -> None:
-                self.stop = threading.Event()
-                self.thread = threading.Thread(target=self.renew, daemon=True)
-                self.thread.start()
-
-            def renew(self) -> None:
-                while not self.stop.wait(engine.claim_ttl_seconds / 3):
-                    for key in keys:
-                        body = {
-                            "owner": plan.batch_id,
-                            "expires": time.time() + engine.claim_ttl_seconds,
-                        }
-                        engine.store.put_json(key, body)
-
-            def __exit__(self, *exc: object) -> None:
-                self.stop.set()
-                self.thread.join()
+        def renew() -> None:
+            while not stop.wait(self.claim_ttl_seconds / 3):
+                body = {"owner": plan.batch_id, "expires": time.time() + self.claim_ttl_seconds}
                 for key in keys:
-                    engine.store.purge(key)
+                    self.store.put_json(key, body)
 
-        return _Lease()
+        thread = threading.Thread(target=renew, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            for key in keys:
+                self.store.purge(key)
 
     def _wait_for_claim(self, key: str, poll: float = 0.5) -> None:
         """Until another batch's lease on a lineage ends (released, or expired because

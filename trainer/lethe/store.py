@@ -10,7 +10,7 @@ import datetime as dt
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import boto3
@@ -204,8 +204,6 @@ class Store:
 
     def for_bucket(self, bucket: str) -> Store:
         """The same endpoint and credentials, another bucket (a model's source data)."""
-        from dataclasses import replace
-
         return Store(replace(self.settings, bucket=bucket))
 
     def versions_of(self, key: str) -> list[tuple[str, bool]]:
