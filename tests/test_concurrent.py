@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
+from lethe import dataio
 from lethe.core.hashing import shard_of
+from lethe.core.manifest import FileRef, Generation
 from lethe.core.plan import ErasureRequest
 from lethe.erasure import Engine, request_uid
-from lethe.generations import read_live
+from lethe.generations import commit, read_consistent, read_live
 from lethe.predict import ensemble_accuracy
-from lethe.store import Store
+from lethe.store import NotFound, Store
 from lethe.training import RayTrainer
 from lethe.verify import verify
 
-from .conftest import trained_small, training_subjects
+from .conftest import ingest_small, trained_small, training_subjects, unique_model
 from .test_erasure import rows_of
 
 
@@ -47,3 +51,38 @@ def test_two_concurrent_erasures_on_one_shard(store: Store, trainer: RayTrainer)
         cert = store.get_json(next(iter(results[subject]["certificates"].values())))
         verdict = verify(store, cert)
         assert verdict.ok, verdict.failures
+
+
+def test_a_read_of_a_generation_purged_under_it_retries_on_the_new_one(store: Store) -> None:
+    """What broke two concurrent erasures: one planned/patched from generation N while
+    the other committed N+1 and purged a file of N. The reader must move on to N+1."""
+    layout, _cfg, _table = ingest_small(store)
+    old = read_live(store, layout)
+    index = old.generation.shards[0].index
+    seen: list[int] = []
+
+    def read(gen: Generation) -> int:
+        seen.append(gen.number)
+        if len(seen) == 1:  # a concurrent erasure commits past us and purges a file
+            moved = FileRef(f"{index.key}.moved", index.sha256, index.rows)
+            store.put(moved.key, store.get(index.key))
+            nxt = gen.successor("concurrent erasure")
+            nxt.set_shard_data(0, moved, [s.data for s in gen.shards[0].slices])
+            commit(store, layout, old, nxt)
+            store.purge(index.key)
+        return dataio.read_table(store, gen.shards[0].index).num_rows
+
+    rows = read_consistent(store, layout, read)
+    assert len(seen) == 2 and seen[1] > seen[0]  # retried on the generation that moved on
+    assert rows == index.rows
+    with pytest.raises(NotFound):  # CURRENT did not move: a lost file is an error
+        read_consistent(store, layout, lambda g: store.get(index.key))
+
+
+def test_a_version_purged_after_a_listing_is_gone_not_an_error(store: Store) -> None:
+    key = f"{unique_model()}/x.bin"
+    version = store.put(key, b"held")
+    assert [v for k, v, _ in store.list_versions(key) if k == key] == [version]
+    store.purge(key)
+    with pytest.raises(NotFound):
+        store.get_version(key, version)

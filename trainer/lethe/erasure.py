@@ -51,7 +51,7 @@ from lethe.core.plan import (
     ShardPlan,
     estimate_cost,
 )
-from lethe.generations import Live, read_live, update
+from lethe.generations import Live, read_consistent, read_live, update
 from lethe.layout import ModelLayout, sha_of_key
 from lethe.store import NotFound, PreconditionFailed, Store
 
@@ -194,9 +194,11 @@ class Engine:
         except NotFound:
             pass
         self.progress("resolve", f"resolving {len(requests)} request(s)")
-        gen = read_live(self.store, self.layout).generation
-        plan = make_plan(
-            self.store, gen, batch, self.model, requests, requested_at, load_keys(self.keys)
+        keys = load_keys(self.keys)
+        plan = read_consistent(
+            self.store,
+            self.layout,
+            lambda gen: make_plan(self.store, gen, batch, self.model, requests, requested_at, keys),
         )
         if not self.store.put_json_if_absent(key, plan.to_json()):
             plan = ErasurePlan.from_json(self.store.get_json(key))  # a concurrent twin won
@@ -302,7 +304,12 @@ class Engine:
             for key, version, is_marker in list(self.store.list_versions(prefix)):
                 if is_marker or key in tainted or not key.endswith(".parquet"):
                     continue
-                ids = dataio.decode(self.store.get_version(key, version), ["record_id"])
+                try:
+                    ids = dataio.decode(self.store.get_version(key, version), ["record_id"])
+                except NotFound:
+                    # Purged by a concurrent erasure since the listing; it tombstoned
+                    # the file first, so its checkpoints are swept below all the same.
+                    continue
                 if dataio.hashed_mask(ids.column("record_id"), id_hash, hashes).any():
                     if key in live_keys:
                         raise IntegrityError(f"live object {key} still holds erased records")
@@ -903,7 +910,11 @@ def manifests_referencing(store: Store, layout: ModelLayout, keys: set[str], liv
         if is_marker or key == layout.generation(live) or key in out:
             continue
         try:
-            gen = Generation.from_json(json.loads(store.get_version(key, version)))
+            raw = store.get_version(key, version)
+        except NotFound:
+            continue  # purged since the listing
+        try:
+            gen = Generation.from_json(json.loads(raw))
         except (ValueError, KeyError):
             out.add(key)  # unreadable manifest: nothing live can depend on it
             continue

@@ -14,11 +14,14 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from lethe.core.hashing import sha256_hex
 from lethe.core.manifest import Generation
 from lethe.layout import ModelLayout
 from lethe.store import NotFound, PreconditionFailed, Store
+
+T = TypeVar("T")
 
 
 class ModelNotFound(LookupError):
@@ -93,6 +96,38 @@ def commit(store: Store, layout: ModelLayout, live: Live, new: Generation) -> Li
     return Live(new, etag)
 
 
+def on_generation(
+    store: Store, layout: ModelLayout, live: Live, read: Callable[[Generation], T]
+) -> T:
+    """``read(live.generation)``. A file it reads may be gone because a concurrent
+    erasure committed past this generation and purged the file; then CURRENT has
+    moved, and ``NotFound`` propagates only when it has not (a real loss), so the
+    caller re-reads the live generation and tries again."""
+    try:
+        return read(live.generation)
+    except NotFound:
+        if store.get_with_etag(layout.current)[1] == live.etag:
+            raise
+        raise GenerationMoved() from None
+
+
+class GenerationMoved(Exception):
+    """CURRENT moved while a generation's files were being read."""
+
+
+def read_consistent(
+    store: Store, layout: ModelLayout, read: Callable[[Generation], T], attempts: int = 100
+) -> T:
+    """``read`` applied to the live generation, retried on a newer one while a
+    concurrent erasure purges the files of the one it read."""
+    for _ in range(attempts):
+        try:
+            return on_generation(store, layout, read_live(store, layout), read)
+        except GenerationMoved:
+            continue
+    raise CommitConflict(f"{layout.current} kept moving while its files were read")
+
+
 def update(
     store: Store,
     layout: ModelLayout,
@@ -106,7 +141,10 @@ def update(
     """
     for attempt in range(attempts):
         live = read_live(store, layout)
-        new = change(live.generation)
+        try:
+            new = on_generation(store, layout, live, change)
+        except GenerationMoved:
+            continue
         if new is None:
             return live
         try:

@@ -37,12 +37,13 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, Literal, Protocol
 
+import botocore.exceptions
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lethe.store import Store
+from lethe.store import MISSING, Store
 
 CHUNK_SIZE = 1 << 20  # bytes read at a time from any stream
 SPOOL_IN_MEMORY = 16 << 20  # a spooled object beyond this goes to a temporary file
@@ -1120,6 +1121,11 @@ def _scan_version(
         v.add((), "object key", hits)
     try:
         response = store.client.get_object(Bucket=store.bucket, Key=v.key, VersionId=v.version)
+    except botocore.exceptions.ClientError as e:
+        if str(e.response.get("Error", {}).get("Code", "")) in MISSING:
+            return  # deleted since the listing (a concurrent purge): nothing is held
+        v.fail((), "could not be fetched", e)
+        return
     except Exception as e:
         v.fail((), "could not be fetched", e)
         return

@@ -44,16 +44,27 @@ class S3Settings:
             region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
         )
 
-    def env(self) -> dict[str, str]:
-        """The environment that makes ``from_env`` give these settings back (Ray workers)."""
+    def public_env(self) -> dict[str, str]:
+        """Where the data is, without the keys: safe to put in a Ray job's runtime_env
+        (job and actor metadata, readable by anyone who can reach the cluster)."""
         out = {"LETHE_BUCKET": self.bucket, "AWS_DEFAULT_REGION": self.region}
         if self.endpoint:
             out["LETHE_S3_ENDPOINT"] = self.endpoint
+        return out
+
+    def env(self) -> dict[str, str]:
+        """The environment that makes ``from_env`` give these settings back, keys included
+        (for a process this one starts; never for a Ray job's metadata)."""
+        out = self.public_env()
         if self.access_key:
             out["AWS_ACCESS_KEY_ID"] = self.access_key
         if self.secret_key:
             out["AWS_SECRET_ACCESS_KEY"] = self.secret_key
         return out
+
+
+# What S3 answers for an object, or a version of one, that is not there (any more).
+MISSING = ("NoSuchKey", "NoSuchVersion", "404", "NotFound")
 
 
 def _code(e: botocore.exceptions.ClientError) -> str:
@@ -94,7 +105,7 @@ class Store:
         try:
             r = self.client.get_object(Bucket=self.bucket, Key=key)
         except botocore.exceptions.ClientError as e:
-            if _code(e) in ("NoSuchKey", "404", "NotFound"):
+            if _code(e) in MISSING:
                 raise NotFound(key) from None
             raise
         return r["Body"].read(), r["ETag"]
@@ -103,7 +114,14 @@ class Store:
         return json.loads(self.get(key))
 
     def get_version(self, key: str, version_id: str) -> bytes:
-        r = self.client.get_object(Bucket=self.bucket, Key=key, VersionId=version_id)
+        """One version's bytes; NotFound if it is gone (a concurrent purge deleted it
+        between a listing and this read)."""
+        try:
+            r = self.client.get_object(Bucket=self.bucket, Key=key, VersionId=version_id)
+        except botocore.exceptions.ClientError as e:
+            if _code(e) in MISSING:
+                raise NotFound(f"{key} (version {version_id})") from None
+            raise
         return r["Body"].read()
 
     def exists(self, key: str) -> bool:
@@ -111,7 +129,7 @@ class Store:
             self.client.head_object(Bucket=self.bucket, Key=key)
             return True
         except botocore.exceptions.ClientError as e:
-            if _code(e) in ("NoSuchKey", "404", "NotFound"):
+            if _code(e) in MISSING:
                 return False
             raise
 
