@@ -119,12 +119,26 @@ def erasure_request(
     }
 
 
-def s3_secret(stack: StackState, name: str = "lethe-s3", namespace: str = "default") -> dict:
+def s3_secret(
+    stack: StackState,
+    name: str = "lethe-s3",
+    namespace: str = "default",
+    labelled: bool = True,
+    allowed_models: str | None = None,
+) -> dict:
+    """The stack's S3 keys as a Secret a model may name in ``credentialsSecret``: opted in
+    by the namespace's admin (label ``lethe.dev/s3-credentials=true``; ``labelled=False``
+    leaves it out), for the models in ``allowed_models`` (the annotation; None: any)."""
     env = stack.env()
+    meta: dict[str, Any] = {"name": name, "namespace": namespace}
+    if labelled:
+        meta["labels"] = {"lethe.dev/s3-credentials": "true"}
+    if allowed_models is not None:
+        meta["annotations"] = {"lethe.dev/allowed-models": allowed_models}
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": {"name": name, "namespace": namespace},
+        "metadata": meta,
         "stringData": {
             "AWS_ACCESS_KEY_ID": env["AWS_ACCESS_KEY_ID"],
             "AWS_SECRET_ACCESS_KEY": env["AWS_SECRET_ACCESS_KEY"],
@@ -286,3 +300,46 @@ def metric(text: str, name: str, **labels: str) -> float | None:
         if line.startswith(f"{name}{{{want}}} "):
             return float(line.rsplit(" ", 1)[1])
     return None
+
+
+def _plain(obj: Any) -> Any:
+    """A state API record as JSON-able data (dataclasses and pydantic models alike)."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    for method in ("model_dump", "dict"):
+        if hasattr(obj, method):
+            return getattr(obj, method)()
+    return obj
+
+
+def ray_metadata(stack: StackState) -> dict[str, list[Any]]:
+    """Everything Ray shows about its jobs, actors and tasks, read back as anyone who can
+    reach the dashboard would: the state API (detail, runtime_env included) and the Jobs
+    REST API."""
+    from ray.util import state
+
+    address = stack.ray_dashboard
+    limit = {"address": address, "detail": True, "limit": 10_000, "timeout": 60}
+    with urllib.request.urlopen(f"{address}/api/jobs/", timeout=30) as r:
+        rest = json.loads(r.read())
+    return {
+        "jobs": [_plain(j) for j in state.list_jobs(**limit, raise_on_missing_output=False)],
+        "actors": [_plain(a) for a in state.list_actors(**limit, raise_on_missing_output=False)],
+        "tasks": [_plain(t) for t in state.list_tasks(**limit, raise_on_missing_output=False)],
+        "rest_jobs": list(rest),
+    }
+
+
+def assert_no_s3_keys_in_ray(stack: StackState) -> dict[str, list[Any]]:
+    """Neither S3 key (nor a variable named for one) in any job's, actor's or task's
+    metadata on the stack's Ray head; returns what was read, for further checks."""
+    meta = ray_metadata(stack)
+    env = stack.env()
+    for what, records in meta.items():
+        text = json.dumps(records, default=str)
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert env[name] not in text, f"the S3 key {name} is in Ray's {what} metadata"
+            assert name not in text, f"a variable {name} is in Ray's {what} metadata"
+    return meta

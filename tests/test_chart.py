@@ -32,7 +32,7 @@ ALL_ON: dict[str, Any] = {
     "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/x"}},
     "operator": {
         "s3Endpoint": "https://s3.example.com",
-        "s3CredentialsSecret": "lethe-s3",
+        "rayAddresses": ["http://ray-head-svc.ray:8265", "https://ray.example.com/jobs/"],
         "keysSecret": "lethe-keys",
         "extraEnv": [{"name": "EXTRA", "value": "1"}],
     },
@@ -178,7 +178,10 @@ def test_all_on_render(tmp_path: Path) -> None:
     assert c["args"][-2:] == ["--namespace=team-a", "--namespace=team-b"]
     env = {e["name"]: e for e in c["env"]}
     assert env["LETHE_S3_ENDPOINT"]["value"] == "https://s3.example.com"
-    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "lethe-s3"
+    # the allow-list of Ray Jobs APIs, as the operator reads it (comma-separated)
+    assert env["LETHE_RAY_ADDRESSES"]["value"] == (
+        "http://ray-head-svc.ray:8265,https://ray.example.com/jobs/"
+    )
     assert env["EXTRA"]["value"] == "1"
     # the operator's own certificate keys: a read-only Secret volume, as LETHE_KEYS_DIR
     assert env["LETHE_KEYS_DIR"]["value"] == "/etc/lethe/keys"
@@ -251,6 +254,12 @@ def test_dashboards_and_rules_are_templated_from_their_files(tmp_path: Path) -> 
         ({"metrics": {"serviceMonitor": {"interval": 30}}}, "serviceMonitor/interval"),
         ({"exampleModel": {"spec": "digits"}}, "at '/exampleModel/spec': got string, want object"),
         ({"operator": {"keysSecret": "Bad_Name"}}, "at '/operator/keysSecret'"),
+        # there are no operator-wide S3 keys any more: the old key fails loudly
+        ({"operator": {"s3CredentialsSecret": "s3"}}, "'s3CredentialsSecret' not allowed"),
+        ({"operator": {"rayAddresses": "http://r:8265"}}, "got string, want array"),
+        ({"operator": {"rayAddresses": ["ray://r:10001"]}}, "at '/operator/rayAddresses/0'"),
+        ({"operator": {"rayAddresses": ["http://a,http://b"]}}, "/operator/rayAddresses/0"),
+        ({"operator": {"rayAddresses": ["http://u@r:8265"]}}, "/operator/rayAddresses/0"),
     ],
 )
 def test_schema_rejects_wrong_values(tmp_path: Path, values: dict, message: str) -> None:
@@ -342,6 +351,10 @@ def test_deployment_is_hardened(tmp_path: Path) -> None:
         assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
         assert c["readinessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
         env = {e["name"]: e.get("value") for e in c["env"]}
+        # no S3 keys of its own (models bring theirs); Ray addresses only from the values
+        assert not [k for k in env if k.startswith("AWS_") and k != "AWS_DEFAULT_REGION"]
+        allowed = "" if values is None else ",".join(ALL_ON["operator"]["rayAddresses"])
+        assert env["LETHE_RAY_ADDRESSES"] == allowed  # default: no Jobs API at all
         # kopf's liveness endpoint on the probed port, metrics on the Service's port
         assert env["LETHE_LIVENESS"] == f"http://0.0.0.0:{ports['health']}/healthz"
         assert f"--metrics-port={ports['metrics']}" in c["args"]

@@ -265,13 +265,24 @@ def clear_requests(kube: kubestack.KubeState) -> None:
         kubectl(kube, "-n", NS, "delete", name, "--timeout=30s")
 
 
+def scraped_outcome(prom: Prometheus) -> dict[str, float | None]:
+    """Requests succeeded and failed, pending requests and quarantined shards, as scraped."""
+    return {
+        "succeeded": prom.value(
+            f'sum(lethe_erasure_requests_total{{namespace="{NS}",result="succeeded"}})'
+        ),
+        "failed": prom.value(
+            f'sum(lethe_erasure_requests_total{{namespace="{NS}",result="failed"}})'
+        ),
+        "pending": prom.value(f'sum(lethe_pending_requests{{namespace="{NS}"}})'),
+        "quarantined": prom.value(f'sum(lethe_quarantined_shards{{namespace="{NS}"}})'),
+    }
+
+
 def finished_after_scrape(prom: Prometheus, succeeded: int, failed: int) -> bool:
     """Prometheus has scraped the outcome and the idle gauges that follow it."""
-    ok = prom.value(f'sum(lethe_erasure_requests_total{{namespace="{NS}",result="succeeded"}})')
-    bad = prom.value(f'sum(lethe_erasure_requests_total{{namespace="{NS}",result="failed"}})')
-    pending = prom.value(f'sum(lethe_pending_requests{{namespace="{NS}"}})')
-    quarantined = prom.value(f'sum(lethe_quarantined_shards{{namespace="{NS}"}})')
-    return (ok, bad, pending, quarantined) == (succeeded, failed, 0, 0)
+    want = {"succeeded": succeeded, "failed": failed, "pending": 0, "quarantined": 0}
+    return scraped_outcome(prom) == want
 
 
 def test_every_panel_returns_data_from_a_real_prometheus(
@@ -318,7 +329,12 @@ def test_every_panel_returns_data_from_a_real_prometheus(
         apply(kube, erasure_request("erase-2", [subjects[2]], MODEL, NS))
         names = [*first, "erase-2"]
         wait_for("batch 2", lambda: phase(kube, "erase-2", NS) == "Succeeded", timeout=300)
-        wait_for("the outcome scraped", lambda: finished_after_scrape(prom, 3, 2), timeout=60)
+        wait_for(
+            "the outcome scraped",
+            lambda: finished_after_scrape(prom, 3, 2),
+            timeout=60,
+            state=lambda: scraped_outcome(prom),
+        )
         time.sleep(3 * SCRAPE_S)  # a few idle samples after the last change, for the plot
         window = f"{math.ceil(time.time() - t0) + 10}s"
 

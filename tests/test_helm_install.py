@@ -72,6 +72,8 @@ def installed(
             assert kubectl(kube, "create", "namespace", ns).returncode == 0
         values = {
             "watchNamespaces": [TEAM],
+            # the one Ray Jobs API the model may use (a trailing slash does not matter)
+            "operator": {"rayAddresses": [stack.ray_dashboard + "/"]},
             "exampleModel": {
                 "enabled": True,
                 "name": MODEL,
@@ -158,6 +160,10 @@ def test_operator_with_the_service_account_completes_an_erasure(
     ]
     args = tuple(a for a in container["args"] if a.startswith("--namespace"))
     assert args == (f"--namespace={TEAM}",)
+    # and its Ray allow-list, from the chart's values (no S3 keys of its own in its env)
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["LETHE_RAY_ADDRESSES"] == stack.ray_dashboard + "/"
+    assert not [k for k in env if k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
     assert _sa(installed, "auth", "whoami")[1].count(f"system:serviceaccount:{SYSTEM}:lethe")
     log = tmp_path / "operator.log"
     subjects = train_subjects(2, offset=60)
@@ -173,7 +179,8 @@ def test_operator_with_the_service_account_completes_an_erasure(
         "metadata": {"name": "erase-helm", "namespace": TEAM},
         "spec": {"modelRef": {"name": MODEL}, "secretRef": {"name": "erase-list"}},
     }
-    with running(Operator(installed.sa_kubeconfig, free_port(), log, args=args)) as op:
+    ray_env = {"LETHE_RAY_ADDRESSES": env["LETHE_RAY_ADDRESSES"]}
+    with running(Operator(installed.sa_kubeconfig, free_port(), log, args=args, env=ray_env)) as op:
         wait_ready(kube, MODEL, TEAM)
         apply(kube, secret, request)
         wait_for(

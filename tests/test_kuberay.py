@@ -12,9 +12,12 @@ message, startTime, endTime), resolves ``ray.io/cluster`` to a RayCluster object
 submits ``spec.entrypoint`` with ``spec.runtimeEnvYAML`` as submission ``spec.jobId`` to
 that cluster's Jobs API (KubeRay's HTTPMode; the default K8sJobMode runs the same
 submission from a Job's pod). The RayCluster object stands for the local Ray head; its
-head container takes S3 credentials from the ``lethe-s3`` Secret (secretKeyRef), and the
-stand-in, playing the kubelet, passes those to the job as the head pod's environment
-would. rayClusterSpec RayJobs (which need KubeRay to start pods) are left alone: their
+head container takes S3 credentials from the ``lethe-s3`` Secret (secretKeyRef). The
+stand-in, playing the kubelet, resolves them and checks that they are the keys the local
+head really runs with (``localstack.start_ray`` puts them in its environment, as the
+kubelet would in the head pod's), and submits the job without them: the keys reach the
+job's workers from the raylet's environment, never through its runtime_env (job
+metadata). rayClusterSpec RayJobs (which need KubeRay to start pods) are left alone: their
 object is checked as built, against the real CRD.
 """
 
@@ -53,6 +56,7 @@ from .conftest import kubectl
 from .harness import (
     Operator,
     apply,
+    assert_no_s3_keys_in_ray,
     digits_model,
     erasure_request,
     get,
@@ -163,11 +167,18 @@ class KubeRayStandIn(threading.Thread):
     """KubeRay's RayJob controller for clusterSelector RayJobs (see the module docstring):
     list the namespace's RayJobs every half second and move each one step on."""
 
-    def __init__(self, api: k8s.ApiClient, namespace: str, dashboards: dict[str, str]) -> None:
+    def __init__(
+        self,
+        api: k8s.ApiClient,
+        namespace: str,
+        dashboards: dict[str, str],
+        head_env: dict[str, str],
+    ) -> None:
         super().__init__(daemon=True, name="kuberay-stand-in")
         self.crd = k8s.CustomObjectsApi(api)
         self.core = k8s.CoreV1Api(api)
         self.namespace, self.dashboards = namespace, dashboards  # RayCluster -> Jobs API
+        self.head_env = head_env  # what the local head process really has (its "pod")
         self.invalid: list[str] = []  # RayJobs KubeRay would refuse (must stay empty)
         self.submitted: list[str] = []  # Ray submission ids sent to a Jobs API
         self.hiccups: list[str] = []  # transient errors, retried like a requeue
@@ -260,8 +271,10 @@ class KubeRayStandIn(threading.Thread):
         ray = RayJobs(url, {})
         info = ray._call("GET", f"/api/jobs/{st['jobId']}")
         if info is None:  # not submitted yet: submit it, as KubeRay's HTTPMode does
+            pod = self.pod_env(cluster)  # the kubelet's part: the pod's environment
+            if any(pod.get(k) != v for k, v in self.head_env.items()):
+                self.invalid.append(f"{name}: the head pod's env is not the local head's")
             runtime = yaml.safe_load(spec.get("runtimeEnvYAML") or "{}") or {}
-            runtime["env_vars"] = {**self.pod_env(cluster), **runtime.get("env_vars", {})}
             ray._call(
                 "POST",
                 "/api/jobs/",
@@ -385,7 +398,10 @@ def env(
     apply(kube, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
     install_kuberay_crds(kube)
     apply(kube, s3_secret(stack, namespace=NS), head_cluster())
-    standin = KubeRayStandIn(api, NS, {CLUSTER: stack.ray_dashboard})
+    keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    standin = KubeRayStandIn(
+        api, NS, {CLUSTER: stack.ray_dashboard}, {k: stack.env()[k] for k in keys}
+    )
     standin.start()
     log = tmp_path_factory.mktemp("operator-kuberay") / "operator.log"
     op = Operator(kube.kubeconfig, free_port(), log, args=("--namespace", NS))
@@ -493,6 +509,9 @@ def test_erasure_through_rayjobs_survives_a_killed_operator(
         assert not any(x in json.dumps(st) for x in subjects)
     assert not any(x in json.dumps(obj) for x in subjects)
     assert env.standin.invalid == []
+    # the jobs KubeRay submitted hold no S3 key either (the head's env provides them)
+    meta = assert_no_s3_keys_in_ray(stack)
+    assert [j for j in meta["jobs"] if j.get("submission_id") == sub]
 
 
 def test_rayclusterspec_rayjob_reads_credentials_from_the_secret(

@@ -27,6 +27,7 @@ from .conftest import kubectl
 from .harness import (
     Operator,
     apply,
+    assert_no_s3_keys_in_ray,
     condition,
     digits_model,
     erasure_request,
@@ -101,8 +102,19 @@ def test_requests_are_batched_erased_and_certified(
         cert = store.get_json(cert_key)
         assert verify(store, cert).ok
         assert not any(s in json.dumps(st) for s in subjects)  # no subject id in status
-    jobs = RayJobs(stack.ray_dashboard, {}).submissions(f"lethe-{batches.pop()}")
+    (batch,) = batches
+    jobs = RayJobs(stack.ray_dashboard, {}).submissions(f"lethe-{batch}")
     assert len(jobs) == 1
+    # No S3 key in any Ray job's, actor's or task's metadata (state API, Jobs REST API):
+    # the batch's job got where the data is, its workers the keys from the head's env.
+    meta = assert_no_s3_keys_in_ray(stack)
+    (job,) = [j for j in meta["jobs"] if j.get("submission_id") == jobs[0]]
+    assert job["runtime_env"]["env_vars"]["LETHE_S3_ENDPOINT"] == stack.s3_endpoint
+    (rest,) = [j for j in meta["rest_jobs"] if j.get("submission_id") == jobs[0]]
+    assert rest["runtime_env"]["env_vars"]["LETHE_BUCKET"] == store.bucket
+    # the retrain's own actors (Ray Train's workers and controller) were read back too
+    mine = [a for a in meta["actors"] if a.get("job_id") and a["job_id"] == job.get("job_id")]
+    assert mine and any("LETHE_S3_ENDPOINT" in (a["serialized_runtime_env"] or "") for a in mine)
     # the model was trained once; the batch's retrain is the only training since
     uid = get(kube, "shardedmodel", MODEL)["metadata"]["uid"]
     assert RayJobs(stack.ray_dashboard, {}).submissions(f"lethe-train-{uid}") == [

@@ -1,6 +1,21 @@
 """What the model side (``control``) and the request side (``erasures``) share: the
 API's names, conditions, fault injection, and a ShardedModel's S3 side (its store,
-layout, configuration, signing keys and engine)."""
+layout, configuration, signing keys and engine).
+
+**What a model may use** (``model_context`` refuses anything else with ``ModelRefused``,
+before a single request goes to the model's S3 endpoint or Ray):
+
+- S3 credentials only from the Secret ``spec.storage.credentialsSecret`` in the model's
+  own namespace, and only if the namespace's admin opted that Secret in: the label
+  ``lethe.dev/s3-credentials: "true"`` and, optionally, the annotation
+  ``lethe.dev/allowed-models`` (comma-separated model names, or ``*``; absent: every
+  model in the namespace; present but empty: none). The operator's own environment
+  (``AWS_*``) is never used for a model.
+- a Ray Jobs API address (``spec.ray.address``) only if the operator's allow-list
+  ``$LETHE_RAY_ADDRESSES`` (the chart's ``operator.rayAddresses``) holds it: same
+  scheme, host, port and path (trailing slashes aside); requests go to the allow-list's
+  own spelling of the URL. KubeRay models (``spec.ray.rayJob``) run in their namespace.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +26,7 @@ import os
 import signal
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
@@ -21,12 +37,16 @@ from lethe.erasure import Engine
 from lethe.ingest import decode_dataset
 from lethe.layout import ModelLayout
 from lethe.store import S3Settings, Store
-from lethe_operator.raylaunch import Launcher, RayJobs
+from lethe_operator.raylaunch import SECRET_ENV, Launcher, RayJobs
 
 GROUP, VERSION = "lethe.dev", "v1alpha1"
 MODELS, REQUESTS = "shardedmodels", "erasurerequests"
 KILL_ENV = "LETHE_OPERATOR_KILL_AT"  # fault injection for the restart tests
 KEYS_DIR_ENV = "LETHE_KEYS_DIR"  # the operator's own keys (models without a keysSecret)
+RAY_ADDRESSES_ENV = "LETHE_RAY_ADDRESSES"  # Ray Jobs API URLs models may use (chart values)
+CREDENTIALS_LABEL = "lethe.dev/s3-credentials"  # "true": the namespace admin's opt-in
+ALLOWED_MODELS = "lethe.dev/allowed-models"  # "a,b" or "*"; absent: any model
+S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")  # the entries of credentialsSecret
 log = logging.getLogger("lethe.operator")
 
 
@@ -84,18 +104,35 @@ def set_condition(
     return [*out, cond]
 
 
-def secret_data(namespace: str, name: str) -> dict[str, bytes]:
-    """A Secret's entries, decoded (the operator may only ``get`` Secrets)."""
-    data = k8s.CoreV1Api().read_namespaced_secret(name, namespace).data or {}
-    return {k: base64.b64decode(v) for k, v in data.items()}
+class SecretUnreadable(Exception):
+    """A Secret a spec names is not there (``kind`` "NotFound") or the operator may not
+    read it ("Forbidden"); each caller turns it into its own reason (``<prefix><kind>``)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
-def secret_values(namespace: str, name: str, *keys: str) -> list[str]:
-    data = secret_data(namespace, name)
-    missing = [k for k in keys if k not in data]
-    if missing:
-        raise KeyError(f"Secret {name} has no key(s) {missing}")
-    return [data[k].decode() for k in keys]
+def read_secret(namespace: str, name: str, field: str) -> Any:
+    """The Secret ``name`` that the spec's ``field`` names (the operator may only ``get``
+    Secrets); raises SecretUnreadable. Any other API error (5xx) is raised as it is."""
+    try:
+        return k8s.CoreV1Api().read_namespaced_secret(name, namespace)
+    except ApiException as e:
+        if e.status == 404:
+            raise SecretUnreadable(
+                "NotFound", f"Secret {name} ({field}) not found in {namespace}"
+            ) from None
+        if e.status == 403:
+            raise SecretUnreadable(
+                "Forbidden", f"the operator may not read Secret {name} in {namespace}"
+            ) from None
+        raise
+
+
+def secret_entries(secret: Any) -> dict[str, bytes]:
+    """A Secret's entries, decoded."""
+    return {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
 
 
 def get_model(namespace: str, name: str) -> dict[str, Any] | None:
@@ -108,6 +145,109 @@ def get_model(namespace: str, name: str) -> dict[str, Any] | None:
         if e.status == 404:
             return None
         raise
+
+
+class ModelRefused(Exception):
+    """The model asks for something its namespace or the operator's admin did not grant
+    (S3 credentials, a Ray address); ``reason`` is a condition reason. Raised before any
+    request goes to the model's S3 endpoint or Ray; the message names no secret value."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+Address = tuple[str, str, int, str]  # scheme, host, port, path (no trailing slash)
+_bad_entries: set[str] = set()  # malformed allow-list entries already logged
+
+
+def canonical_address(url: str) -> Address | None:
+    """``url`` as (scheme, host, port, path), or None when it is not a plain http(s)
+    URL (user info, a query or a fragment have no place in a Jobs API base URL)."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if (
+        scheme not in ("http", "https")
+        or not parts.hostname
+        or "@" in parts.netloc
+        or parts.query
+        or parts.fragment
+    ):
+        return None
+    default = 443 if scheme == "https" else 80
+    return scheme, parts.hostname.lower(), port or default, parts.path.rstrip("/")
+
+
+def allowed_ray_addresses() -> dict[Address, str]:
+    """The operator's allow-list (``$LETHE_RAY_ADDRESSES``: URLs separated by commas or
+    white space), canonical form -> the admin's URL. Malformed entries allow nothing."""
+    out: dict[Address, str] = {}
+    for entry in os.environ.get(RAY_ADDRESSES_ENV, "").replace(",", " ").split():
+        key = canonical_address(entry)
+        if key is None:
+            if entry not in _bad_entries:  # once, not every tick
+                _bad_entries.add(entry)
+                log.warning("%s: ignoring %r (not an http(s) base URL)", RAY_ADDRESSES_ENV, entry)
+        else:
+            out.setdefault(key, entry.rstrip("/"))
+    return out
+
+
+def check_ray_address(address: str) -> str:
+    """The allow-list's URL for ``address``; raises ModelRefused when it is not allowed."""
+    allowed = allowed_ray_addresses()
+    key = canonical_address(address)
+    if key is None or key not in allowed:
+        raise ModelRefused(
+            "RayAddressNotAllowed",
+            f"spec.ray.address {address!r} is not among the Ray addresses the operator's "
+            f"admin allows ({RAY_ADDRESSES_ENV}, the chart's operator.rayAddresses: "
+            f"{len(allowed)} address(es))",
+        )
+    return allowed[key]
+
+
+def model_credentials(namespace: str, model: str, storage: dict[str, Any]) -> tuple[str, str]:
+    """(access key, secret key) from the model's ``credentialsSecret``, if the namespace
+    grants it to this model (see the module docstring); raises ModelRefused."""
+    ref = (storage.get("credentialsSecret") or {}).get("name")
+    if not ref:
+        raise ModelRefused(
+            "NoCredentials",
+            "spec.storage.credentialsSecret is required: a model uses only S3 credentials "
+            f"its namespace grants (a Secret labelled {CREDENTIALS_LABEL}=true), never the "
+            "operator's",
+        )
+    try:
+        obj = read_secret(namespace, ref, "spec.storage.credentialsSecret")
+    except SecretUnreadable as e:
+        raise ModelRefused(f"CredentialsSecret{e.kind}", str(e)) from None
+    meta = obj.metadata
+    labels, annotations = meta.labels or {}, meta.annotations or {}
+    if labels.get(CREDENTIALS_LABEL) != "true":
+        raise ModelRefused(
+            "CredentialsNotAllowed",
+            f"Secret {ref} is not labelled {CREDENTIALS_LABEL}=true (the namespace's admin "
+            "opts a Secret in for ShardedModels)",
+        )
+    if ALLOWED_MODELS in annotations:
+        names = {n.strip() for n in annotations[ALLOWED_MODELS].split(",") if n.strip()}
+        if "*" not in names and model not in names:
+            raise ModelRefused(
+                "CredentialsNotAllowed",
+                f"Secret {ref}'s annotation {ALLOWED_MODELS} does not name ShardedModel {model}",
+            )
+    data = secret_entries(obj)
+    missing = [k for k in S3_KEYS if not data.get(k)]
+    if missing:
+        raise ModelRefused(
+            "CredentialsSecretInvalid", f"Secret {ref} has no (or an empty) {', '.join(missing)}"
+        )
+    return data[S3_KEYS[0]].decode(), data[S3_KEYS[1]].decode()
 
 
 class KeysUnavailable(Exception):
@@ -125,19 +265,9 @@ def load_keys(namespace: str, spec: dict[str, Any]) -> Keys:
     ref = ((spec.get("certificates") or {}).get("keysSecret") or {}).get("name")
     if ref:
         try:
-            data = secret_data(namespace, ref)
-        except ApiException as e:
-            if e.status == 404:
-                raise KeysUnavailable(
-                    "KeysSecretNotFound",
-                    f"Secret {ref} (spec.certificates.keysSecret) not found in {namespace}",
-                ) from None
-            if e.status == 403:
-                raise KeysUnavailable(
-                    "KeysSecretForbidden",
-                    f"the operator may not read Secret {ref} in {namespace}",
-                ) from None
-            raise
+            data = secret_entries(read_secret(namespace, ref, "spec.certificates.keysSecret"))
+        except SecretUnreadable as e:
+            raise KeysUnavailable(f"KeysSecret{e.kind}", str(e)) from None
         where = f"Secret {ref}"
         try:
             keys = Keys.from_secret(data)
@@ -222,12 +352,16 @@ class ModelContext:
     def ray(self, owners: list[dict[str, Any]] | None = None) -> Launcher:
         """Where this model's Ray jobs run: an existing cluster's Jobs API, or KubeRay
         RayJobs (``owners``: the objects a RayJob belongs to, for garbage collection)."""
-        # the model's extra variables first: they must not override the S3 settings
-        env = {**self.spec["ray"].get("env", {}), **self.store.settings.env()}
+        # Where the data is, never the keys: a job's runtime_env is metadata that anyone
+        # who can reach the cluster reads. The keys come from the cluster itself (Jobs
+        # API: its own environment, trusted-cluster only) or a secretKeyRef (KubeRay).
+        # The model's extra variables first: they must not override the S3 settings.
+        extra = {k: v for k, v in self.spec["ray"].get("env", {}).items() if k not in SECRET_ENV}
+        env = {**extra, **self.store.settings.public_env()}
         python = os.environ.get("LETHE_RAY_PYTHON", "python")
         ray = self.spec["ray"]
         if ray.get("address"):
-            return RayJobs(ray["address"], env, python=python)
+            return RayJobs(check_ray_address(ray["address"]), env, python=python)
         from lethe_operator.kuberay import KubeRayJobs
 
         return KubeRayJobs(
@@ -265,19 +399,22 @@ class ModelContext:
 
 
 def model_context(body: dict[str, Any]) -> ModelContext:
+    """The model's S3 side, with the credentials its namespace grants it; raises
+    ModelRefused (before anything reaches its S3 endpoint or Ray) when the model asks
+    for a Ray address or credentials it may not use."""
     meta, spec = body["metadata"], body["spec"]
     ns, name = meta["namespace"], meta["name"]
     storage = spec["storage"]
-    access = secret = None
-    if storage.get("credentialsSecret"):
-        ref = storage["credentialsSecret"]["name"]
-        access, secret = secret_values(ns, ref, "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-    env = S3Settings.from_env()
+    address = (spec.get("ray") or {}).get("address")
+    if address:
+        check_ray_address(address)
+    access, secret = model_credentials(ns, name, storage)
+    env = S3Settings.from_env()  # the default endpoint and the region; never its keys
     settings = S3Settings(
         endpoint=storage.get("endpoint") or env.endpoint,
         bucket=storage["bucket"],
-        access_key=access or env.access_key,
-        secret_key=secret or env.secret_key,
+        access_key=access,
+        secret_key=secret,
         region=env.region,
     )
     return ModelContext(

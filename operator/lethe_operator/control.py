@@ -24,10 +24,9 @@ import json
 import time
 from typing import Any
 
-from kubernetes.client.rest import ApiException
-
 from lethe.checkpoints import pending_slices
 from lethe.core.config import ConfigError
+from lethe.core.manifest import Generation
 from lethe.core.plan import ErasureRequest
 from lethe.erasure import batch_id, release_holds
 from lethe.generations import ModelNotFound, read_live
@@ -43,13 +42,16 @@ from lethe_operator.context import (
     Events,
     KeysUnavailable,
     ModelContext,
+    ModelRefused,
     kill_point,
     load_dataset,
+    log,
     model_context,
     set_condition,
 )
 from lethe_operator.erasures import (
     Member,
+    SubjectsUnreadable,
     as_request,
     holder,
     members_of,
@@ -79,7 +81,6 @@ _claimed: set[tuple[str, str, str]] = set()  # legacy layouts claimed by this pr
 # -- ShardedModel ------------------------------------------------------------------------
 def reconcile_model(body: dict[str, Any], events: Events) -> dict[str, Any]:
     """Ingest, train, run batches; returns the status patch for the ShardedModel."""
-    ctx = model_context(body)
     status = dict(body.get("status") or {})
     conds = list(status.get("conditions", []))
     observed = body["metadata"].get("generation")
@@ -89,7 +90,14 @@ def reconcile_model(body: dict[str, Any], events: Events) -> dict[str, Any]:
         status["conditions"] = set_condition(conds, "Ready", False, reason, message, observed)
         return status
 
-    requests = requests_in(ctx.namespace)
+    # The backlog (pending requests, nearest deadline) first: it keeps moving whatever
+    # the rest of the tick meets (a refused model, a Secret gone, keys unavailable).
+    requests = requests_in(body["metadata"]["namespace"])
+    report_backlog(body, status, members_of(requests, body["metadata"]["name"]))
+    try:  # before anything reaches the model's S3 endpoint or Ray
+        ctx = model_context(body)
+    except ModelRefused as e:
+        return not_ready(e.reason, str(e))
     sweep_expired(requests, models_in(ctx.namespace), ctx.name)
     refused = own_layout(ctx, annotations, events)
     if refused:
@@ -139,6 +147,8 @@ def reconcile_model(body: dict[str, Any], events: Events) -> dict[str, Any]:
     conds = set_condition(conds, "Training", False, "Trained", "", observed)
     status = run_batches(ctx, body, status, requests, events)
     live = read_live(ctx.store, ctx.layout).generation
+    if release_orphaned_holds(ctx, live, requests):
+        live = read_live(ctx.store, ctx.layout).generation
     q = live.quarantined_shards
     conds = set_condition(
         conds,
@@ -168,6 +178,24 @@ def reconcile_model(body: dict[str, Any], events: Events) -> dict[str, Any]:
         }
     )
     return status
+
+
+def release_orphaned_holds(
+    ctx: ModelContext, live: Generation, requests: list[dict[str, Any]]
+) -> bool:
+    """Release quarantine holds of requests that no longer exist (deleted while this
+    model was out of reach, so their finalizer could not). A request is listed again
+    after ``live`` was read before its hold counts as orphaned: a request accepted
+    after the tick's first listing already exists in the second."""
+    held = {h for hs in live.quarantine.values() for h in hs if h.startswith(holder(""))}
+    orphans = held - {holder(r["metadata"]["uid"]) for r in requests}
+    if orphans:
+        orphans -= {holder(r["metadata"]["uid"]) for r in requests_in(ctx.namespace)}
+    if not orphans:
+        return False
+    release_holds(ctx.store, ctx.layout, orphans)
+    log.info("%s: released %d orphaned quarantine hold(s)", ctx.model_id, len(orphans))
+    return True
 
 
 def own_layout(ctx: ModelContext, annotations: dict[str, str], events: Events) -> str | None:
@@ -219,7 +247,6 @@ def run_batches(
     the namespace's ErasureRequests."""
     policy = ctx.spec.get("erasurePolicy", {})
     members = members_of(requests, ctx.name)
-    report_backlog(ctx, status, members)
     if status.get("activeBatch"):
         return advance_batch(ctx, body, status, members, events)
     retry = _due_failed_batch(status, int(policy.get("retryFailedAfterSeconds", 600)))
@@ -271,52 +298,53 @@ def run_batches(
 def readable_requests(
     ctx: ModelContext, members: list[Member], events: Events
 ) -> list[tuple[Member, ErasureRequest]]:
-    """The members whose ids can be read; the others (a Secret deleted since they were
-    accepted) fail with InvalidSubjects and release their quarantine."""
+    """The members whose ids can be read, exactly as they were accepted. The others
+    fail, each with its reason, and release their quarantine; the model and the other
+    members carry on: a ``secretRef`` Secret deleted since (SecretNotFound), no longer
+    readable (SecretForbidden) or holding other ids than it did then (SecretChanged).
+    Members that failed already are left out."""
     out = []
     for m in members:
+        if m.target.get("phase") == "Failed":
+            continue
         try:
             out.append((m, as_request(m.body)))
             continue
+        except SubjectsUnreadable as e:
+            reason, msg = e.reason, str(e)
         except (KeyError, ValueError) as e:
-            msg = f"cannot read the subjects: {e}"
-        except ApiException as e:
-            if e.status not in (403, 404):
-                raise  # the API is unwell: try again next tick
-            msg = f"cannot read the subjects: {e.reason}"
+            reason, msg = "InvalidSubjects", f"cannot read the subjects: {e}"
+        # (any other ApiException: the API is unwell; the tick is tried again)
         release_holds(ctx.store, ctx.layout, {holder(m.uid)})
         update_target(
             m,
             ctx.name,
-            {
-                "phase": "Failed",
-                "reason": "InvalidSubjects",
-                "message": msg,
-                "finishedAt": time.time(),
-            },
+            {"phase": "Failed", "reason": reason, "message": msg, "finishedAt": time.time()},
+            events,
         )
-        events.about(m.body).warning("InvalidSubjects", msg)
         metrics.requests_total.labels(ctx.namespace, ctx.name, "failed").inc()
     return out
 
 
-def report_backlog(ctx: ModelContext, status: dict[str, Any], members: list[Member]) -> None:
-    """Pending requests and the nearest deadline: every request whose erasure is not
-    certified yet, failed retrains included, and members of the model's batches that
-    were deleted before their batch was certified."""
-    policy = ctx.spec.get("erasurePolicy", {})
+def report_backlog(body: dict[str, Any], status: dict[str, Any], members: list[Member]) -> None:
+    """Pending requests and the nearest deadline of the ShardedModel ``body``: every
+    request whose erasure is not certified yet, failed retrains included, and members
+    of the model's batches that were deleted before their batch was certified. Reads
+    only the API's objects (never S3 or a Secret), so it cannot fail with them."""
+    policy = (body.get("spec") or {}).get("erasurePolicy") or {}
+    ns, model = body["metadata"]["namespace"], body["metadata"]["name"]
     deadline = int(policy.get("deadlineSeconds", 30 * 86400))
     since = {m.name: m.created for m in members if not settled(m.target)}
     known = {m.name for m in members}
     for b in [status.get("activeBatch") or {}, *status.get("failedBatches", [])]:
         at = float(b.get("requestedAt") or b.get("started") or time.time())
-        for name in b.get("requests", []):
-            if name not in known:
-                since.setdefault(name, at)
-    metrics.pending.labels(ctx.namespace, ctx.name).set(len(since))
+        for request in b.get("requests", []):
+            if request not in known:
+                since.setdefault(request, at)
+    metrics.pending.labels(ns, model).set(len(since))
     # nothing pending: a request arriving now would have the whole deadline (never stale)
     left = min((t + deadline - time.time() for t in since.values()), default=float(deadline))
-    metrics.deadline_left.labels(ctx.namespace, ctx.name).set(left)
+    metrics.deadline_left.labels(ns, model).set(left)
 
 
 def advance_batch(
@@ -353,7 +381,7 @@ def advance_batch(
         kill_point("erased")
         for m in batch_members:
             if m.target.get("batchId") != batch:
-                update_target(m, ctx.name, {"phase": "DataErased", "batchId": batch})
+                update_target(m, ctx.name, {"phase": "DataErased", "batchId": batch}, events)
         if not engine.committed(plan):
             if time.time() < float(active.get("retryAt", 0)):  # backing off after a failure
                 return status
@@ -374,6 +402,7 @@ def advance_batch(
                 _fail(
                     ctx,
                     batch_members,
+                    events,
                     "RetrainFailed",
                     f"Ray job {job_id}: {ray_reason(job.message)} (data "
                     "erased; shards stay quarantined until a later retrain succeeds)",
@@ -408,19 +437,21 @@ def advance_batch(
                             "message": None,
                             "finishedAt": None,
                         },
+                        events,
                     )
                 status["activeBatch"] = active
                 return status
         # The Ray job commits the retrained shards itself, so "committed" is usually
         # what a tick sees first, before the job reports SUCCEEDED.
         kill_point("retrained")
-        metrics.retrain_duration.labels(ctx.namespace, ctx.name).observe(
-            time.time() - float(active.get("started", time.time()))
-        )
+        if metrics.first_time("retrain-duration", ctx.namespace, ctx.name, batch):
+            metrics.retrain_duration.labels(ctx.namespace, ctx.name).observe(
+                time.time() - float(active.get("started", time.time()))
+            )
         result = engine.finish(plan)
         kill_point("certified")
     outcomes = result.get("outcomes") or {}
-    _succeed(ctx, [m for m in members if m.uid in outcomes], result, events)
+    _succeed(ctx, batch, [m for m in members if m.uid in outcomes], result, events)
     events.info("BatchSucceeded", f"{len(outcomes)} request(s) erased, retrained, certified")
     status.pop("activeBatch", None)
     return status
@@ -447,12 +478,17 @@ def _due_failed_batch(status: dict[str, Any], after_seconds: int) -> dict[str, A
     return min(due, key=lambda b: float(b.get("failedAt", 0)), default=None)
 
 
-def _fail(ctx: ModelContext, members: list[Member], reason: str, message: str) -> None:
+def _fail(
+    ctx: ModelContext, members: list[Member], events: Events, reason: str, message: str
+) -> None:
     for m in members:
+        if m.target.get("phase") == "Failed":
+            continue  # failed (and counted) by a tick whose model status patch was lost
         update_target(
             m,
             ctx.name,
             {"phase": "Failed", "reason": reason, "message": message, "finishedAt": time.time()},
+            events,
         )
         metrics.requests_total.labels(ctx.namespace, ctx.name, "failed").inc()
 
@@ -481,11 +517,17 @@ def outcome_message(outcome: dict[str, Any]) -> str:
     )
 
 
-def _succeed(
-    ctx: ModelContext, members: list[Member], result: dict[str, Any], events: Events
-) -> None:
+def count_batch(
+    namespace: str, model: str, batch: str, result: dict[str, Any], reported: bool
+) -> bool:
+    """Add a certified batch's cost and work to the counters, once: not when
+    ``reported`` (status says a process reported the batch already: every member of
+    it still here is Succeeded), and only the first time this process counts ``batch``
+    (a tick repeated because its status patch was lost). True when it counted."""
+    if reported or not metrics.first_time("batch", namespace, model, batch):
+        return False
     cost = result["cost"]
-    labels = (ctx.namespace, ctx.name)
+    labels = (namespace, model)
     metrics.cpu_seconds.labels(*labels).inc(cost["cpu_seconds"])
     metrics.gpu_seconds.labels(*labels).inc(cost["gpu_seconds"])
     metrics.cost_usd.labels(*labels).inc(cost["usd"])
@@ -495,6 +537,19 @@ def _succeed(
         sum(r["slices_trained"] for r in result["shard_runs"])
     )
     metrics.records_erased.labels(*labels).inc(result["records_erased"])
+    return True
+
+
+def _succeed(
+    ctx: ModelContext, batch: str, members: list[Member], result: dict[str, Any], events: Events
+) -> None:
+    """Report a certified batch: its cost counted once (``count_batch``), then each
+    member Succeeded, its own latency and count added as its target turns Succeeded
+    (a member already Succeeded was counted by whoever wrote that)."""
+    cost = result["cost"]
+    labels = (ctx.namespace, ctx.name)
+    reported = bool(members) and all(m.target.get("phase") == "Succeeded" for m in members)
+    count_batch(ctx.namespace, ctx.name, batch, result, reported)
     share = 1.0 / max(1, int(result.get("requests", len(members))))
     for m in members:
         if m.target.get("phase") == "Succeeded":
@@ -524,6 +579,7 @@ def _succeed(
                     "fullRetrainUSD": cost["full_retrain_usd"],
                 },
             },
+            events,
         )
         if nothing:
             events.about(m.body).info("NothingHeld", message)

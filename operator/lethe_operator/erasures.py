@@ -30,7 +30,9 @@ nothing in a batch), through the same finalizer; the models' ticks sweep it
 
 from __future__ import annotations
 
+import hashlib
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,11 +50,14 @@ from lethe_operator.context import (
     REQUESTS,
     VERSION,
     Events,
+    ModelRefused,
+    SecretUnreadable,
     get_model,
     kill_point,
     model_context,
     parse_time,
-    secret_values,
+    read_secret,
+    secret_entries,
     set_condition,
 )
 
@@ -77,6 +82,15 @@ class NotReady(Exception):
 
 class BatchNotPlanned(Exception):
     """The deleted request's batch is named but not planned yet: the deletion waits."""
+
+
+class SubjectsUnreadable(Exception):
+    """A request's ids cannot be read (or no longer match what was accepted);
+    ``reason`` is the request's failure reason. The message names no id."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def holder(uid: str) -> str:
@@ -302,10 +316,13 @@ def members_of(requests: list[dict[str, Any]], model: str) -> list[Member]:
     return out
 
 
-def update_target(member: Member, model: str, change: dict[str, Any]) -> None:
+def update_target(
+    member: Member, model: str, change: dict[str, Any], events: Events | None = None
+) -> None:
     """Apply ``change`` (None removes a field) to the request's target for ``model`` and
     re-derive the top level; retried on a conflicting write. A request deleted since
-    is left alone (its certificate, if any, is in S3)."""
+    is left alone (its certificate, if any, is in S3). When the request's phase
+    changes, ``events`` gets one Event about the request."""
     meta = member.body["metadata"]
     api = k8s.CustomObjectsApi()
     for _ in range(10):
@@ -343,17 +360,85 @@ def update_target(member: Member, model: str, change: dict[str, Any]) -> None:
             raise
         member.body = {**body, "status": {**status, **patch["status"]}}
         member.target = target
+        if events is not None:
+            report_phase(events.about(member.body), status, patch["status"], model)
         return
     raise RuntimeError(f"ErasureRequest {meta['name']}: status kept changing under the update")
 
 
+def report_phase(events: Events, old: dict[str, Any], new: dict[str, Any], model: str) -> None:
+    """One Event when a request's phase changed (``old``/``new``: its status before and
+    the patch written); Failed is a Warning with the failure's reason."""
+    before, after = old.get("phase") or "Pending", new.get("phase")
+    if not after or after == before:
+        return
+    text = f"phase {before} -> {after} (ShardedModel {model})"
+    if after == "Failed":
+        why = str(new.get("message") or "")
+        events.warning(str(new.get("reason") or "Failed"), f"{text}: {why}"[:1000] if why else text)
+    else:
+        events.info(after, text)
+
+
+def ids_digest(ids: Iterable[str], domain: str) -> str:
+    """A sha256 digest of a set of ids (order and repeats ignored) under ``domain``."""
+    h = hashlib.sha256(domain.encode() + b"\n")
+    for i in sorted(set(ids)):
+        h.update(i.encode() + b"\n")
+    return f"sha256:{h.hexdigest()}"
+
+
+def secret_digest(body: dict[str, Any], subjects: Iterable[str]) -> str:
+    """What a ``secretRef`` request's ids are frozen as when it is accepted: a digest
+    salted with the request's uid (the same list in two requests digests differently)."""
+    return ids_digest(subjects, f"lethe.dev/secret-ids/v1/{body['metadata']['uid']}")
+
+
+def frozen_digest(body: dict[str, Any]) -> str | None:
+    """The digest a ``secretRef`` request's ids were frozen as at acceptance
+    (``status.idsDigest``; None: not accepted yet)."""
+    digest = (body.get("status") or {}).get("idsDigest")
+    return str(digest) if digest else None
+
+
+def read_secret_ids(body: dict[str, Any], frozen: bool) -> list[str]:
+    """The subject ids in a request's ``secretRef`` Secret. Raises SubjectsUnreadable
+    (SecretNotFound, SecretForbidden, SecretChanged when ``frozen``, else
+    InvalidSubjects); an API error that may pass (5xx) is raised as it is."""
+    ref = body["spec"]["secretRef"]
+    ns, name, key = body["metadata"]["namespace"], ref["name"], ref.get("key", "subjects")
+    try:
+        entries = secret_entries(read_secret(ns, name, "spec.secretRef"))
+    except SecretUnreadable as e:
+        raise SubjectsUnreadable(f"Secret{e.kind}", str(e)) from None
+    reason = "SecretChanged" if frozen else "InvalidSubjects"
+    if key not in entries:
+        raise SubjectsUnreadable(reason, f"cannot read the subjects: Secret {name} has no {key}")
+    try:
+        return parse_id_lines(entries[key].decode(), f"Secret {name}")
+    except UnicodeDecodeError:
+        raise SubjectsUnreadable(
+            reason, f"cannot read the subjects: Secret {name}: key {key} is not UTF-8 text"
+        ) from None
+    except ValueError as e:
+        raise SubjectsUnreadable(reason, f"cannot read the subjects: {e}") from None
+
+
 def subjects_and_records(body: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """A request's ids. A ``secretRef`` request accepted with its ids frozen must still
+    find exactly those ids in its Secret (raises SubjectsUnreadable: SecretChanged)."""
     spec = body["spec"]
     if spec.get("secretRef"):
-        ref = spec["secretRef"]
-        ns = body["metadata"]["namespace"]
-        (text,) = secret_values(ns, ref["name"], ref.get("key", "subjects"))
-        return parse_id_lines(text, f"Secret {ref['name']}"), []
+        want = frozen_digest(body)
+        subjects = read_secret_ids(body, frozen=want is not None)
+        if want is not None and secret_digest(body, subjects) != want:
+            raise SubjectsUnreadable(
+                "SecretChanged",
+                f"Secret {spec['secretRef']['name']} changed after the request was accepted "
+                "(its ids are frozen then): nothing of this request is erased here; "
+                "create a new ErasureRequest for the new list",
+            )
+        return subjects, []
     return list(spec.get("subjects", [])), list(spec.get("recordIds", []))
 
 
@@ -391,7 +476,8 @@ def accept_request(body: dict[str, Any], events: Events) -> dict[str, Any]:
             name = spec["modelRef"]["name"]
             msg = f"ShardedModel {name} not found in {ns}"
             events.warning("ModelNotFound", msg)
-            metrics.requests_total.labels(ns, name, "failed").inc()
+            if metrics.first_time("accept-failed", meta["uid"]):
+                metrics.requests_total.labels(ns, name, "failed").inc()
             return {
                 **_failed(status, "ModelNotFound", msg),
                 "observedGeneration": meta.get("generation"),
@@ -403,15 +489,28 @@ def accept_request(body: dict[str, Any], events: Events) -> dict[str, Any]:
             **_failed(status, "NoModelMatched", msg),
             "observedGeneration": meta.get("generation"),
         }
+    digest = None
     try:
-        subjects, records = subjects_and_records(body)
-    except (KeyError, ValueError, ApiException) as e:
-        msg = f"cannot read the subjects: {getattr(e, 'reason', None) or e}"
-        return _failed(status, "InvalidSubjects", msg)
+        if spec.get("secretRef"):
+            subjects, records = read_secret_ids(body, frozen=False), []
+            digest = secret_digest(body, subjects)  # the list is frozen from here on
+        else:
+            subjects, records = subjects_and_records(body)
+    except SubjectsUnreadable as e:
+        events.warning(e.reason, str(e))
+        return {**_failed(status, e.reason, str(e)), "observedGeneration": meta.get("generation")}
+    except ApiException as e:
+        raise NotReady(f"cannot read Secret {spec['secretRef']['name']}: {e.reason}") from None
     created = parse_time(meta["creationTimestamp"])
     targets = []
     for model in models:
-        ctx = model_context(model)
+        try:
+            ctx = model_context(model)
+        except (ModelRefused, ApiException) as e:
+            why = e if isinstance(e, ModelRefused) else e.reason
+            raise NotReady(
+                f"ShardedModel {model['metadata']['name']} cannot take requests ({why})"
+            ) from None
         try:
             check_owner(ctx.store, ctx.layout, ctx.uid)
             live = read_live(ctx.store, ctx.layout).generation
@@ -425,7 +524,8 @@ def accept_request(body: dict[str, Any], events: Events) -> dict[str, Any]:
         shards = resolve_shards(ctx.store, live, subjects, records)
         hold_shards(ctx.store, ctx.layout, holder(meta["uid"]), shards)
         forget = max(time.time() - created, 0.0)
-        metrics.time_to_forget.labels(ns, ctx.name).observe(forget)
+        if metrics.first_time("forget", meta["uid"], ctx.name):  # a retry observes nothing
+            metrics.time_to_forget.labels(ns, ctx.name).observe(forget)
         targets.append(
             {
                 "model": ctx.name,
@@ -443,7 +543,7 @@ def accept_request(body: dict[str, Any], events: Events) -> dict[str, Any]:
         "Accepted",
         True,
         "ModelFound" if len(targets) == 1 else "ModelsFound",
-        f"{len(targets)} model(s)",
+        f"{len(targets)} model(s)" + ("; ids frozen (status.idsDigest)" if digest else ""),
     )
     conds = set_condition(
         conds,
@@ -457,6 +557,7 @@ def accept_request(body: dict[str, Any], events: Events) -> dict[str, Any]:
     out = aggregate({"conditions": conds}, targets)
     return {
         **{k: v for k, v in out.items() if v is not None},
+        **({"idsDigest": digest} if digest else {}),
         "targets": targets,
         "observedGeneration": meta.get("generation"),
     }
@@ -479,7 +580,12 @@ def forget_request(body: dict[str, Any], events: Events) -> None:
             continue
         target = recorded.get(model_name) or {}
         active = (model.get("status") or {}).get("activeBatch") or {}
-        ctx = model_context(model)
+        try:
+            ctx = model_context(model)
+        except ModelRefused:
+            # Out of reach (its credentials or Ray address are refused now): the model's
+            # own tick releases the hold once it is allowed again (orphaned holds).
+            continue
         if not in_batch(target):
             if name in active.get("requests", []):
                 if not ctx.plan_exists(active["id"]):

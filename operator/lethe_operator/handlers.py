@@ -1,7 +1,20 @@
-"""Thin kopf handlers: translate between the API and ``control`` / ``erasures``."""
+"""Thin kopf handlers: translate between the API and ``control`` / ``erasures``.
+
+kopf is configured for privacy and quiet (``configure``):
+- its diff base (the ``lethe.dev/last-handled-configuration`` annotation) holds a
+  digest of a request's ``spec.subjects`` / ``spec.recordIds``, never the ids (which
+  also keeps a large request far below the 256 KiB annotation limit);
+- its progress annotations never hold an exception's message;
+- only WARNING and above of kopf's own log becomes Events (no "Timer 'model_tick'
+  succeeded" every tick), without tracebacks; phase and condition transitions are
+  posted as Events by the handlers themselves, once per transition.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+from collections.abc import Iterable
 from typing import Any
 
 import kopf
@@ -11,22 +24,71 @@ from lethe_operator.context import GROUP, MODELS, REQUESTS, VERSION
 
 TICK = 2.0  # seconds between steps of a model's batch state machine
 WAIT_FOR_PLAN = 2.0  # seconds a deleted request waits before looking for its batch's plan
+ID_FIELDS = ("subjects", "recordIds")  # spec fields that hold subject or record ids
+DIGEST_DOMAIN = "lethe.dev/diffbase/v1"  # the digest of an id list in the diff base
 
 
 class _Events:
-    """Kubernetes Events on one object (messages carry counts, never subject ids)."""
+    """Kubernetes Events on one object (messages carry counts, never subject ids).
+
+    ``info`` posts with ``kopf.event``: ``kopf.info`` is dropped below
+    ``settings.posting.level`` (WARNING), and these are the transitions users watch."""
 
     def __init__(self, body: Any) -> None:
         self.body = body
 
     def info(self, reason: str, message: str) -> None:
-        kopf.info(self.body, reason=reason, message=message)
+        kopf.event(self.body, type="Normal", reason=reason, message=message)
 
     def warning(self, reason: str, message: str) -> None:
-        kopf.warn(self.body, reason=reason, message=message)
+        kopf.event(self.body, type="Warning", reason=reason, message=message)
 
     def about(self, body: dict[str, Any]) -> _Events:
         return _Events(body)
+
+
+class PrivateDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
+    """kopf's annotation diff base, with the id lists of a spec replaced by a digest.
+
+    kopf compares the essence it builds from the object with the one it stored, so
+    both sides are digests and a change of the ids is still a change."""
+
+    def build(
+        self,
+        *,
+        body: kopf.Body,
+        extra_fields: Iterable[Any] | None = None,
+    ) -> Any:
+        essence = super().build(body=body, extra_fields=extra_fields)
+        spec = essence.get("spec") if isinstance(essence, dict) else None
+        if isinstance(spec, dict):
+            for field in ID_FIELDS:
+                if isinstance(spec.get(field), list):
+                    spec[field] = erasures.ids_digest((str(i) for i in spec[field]), DIGEST_DOMAIN)
+        return essence
+
+
+class QuietProgressStorage(kopf.AnnotationsProgressStorage):
+    """kopf's progress annotations without the last exception's message (an exception
+    raised deep in a library may quote data); the operator's log keeps the error."""
+
+    def store(
+        self,
+        *,
+        key: Any,
+        record: Any,
+        body: kopf.Body,
+        patch: kopf.Patch,
+    ) -> None:
+        record = {k: v for k, v in dict(record).items() if k != "message"}
+        super().store(key=key, record=record, body=body, patch=patch)  # type: ignore[arg-type]
+
+
+class _NoTraceback(logging.Formatter):
+    """The message only: a traceback never becomes an Event."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return record.getMessage()
 
 
 @kopf.on.startup()
@@ -36,9 +98,13 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 60
     settings.watching.client_timeout = 90
     settings.watching.connect_timeout = 30
-    settings.posting.level = 20  # INFO events
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="lethe.dev")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="lethe.dev")
+    # kopf's own log lines become Events only from WARNING up (no per-tick successes)
+    settings.posting.level = logging.WARNING
+    settings.persistence.progress_storage = QuietProgressStorage(prefix="lethe.dev")
+    settings.persistence.diffbase_storage = PrivateDiffBaseStorage(prefix="lethe.dev")
+    for handler in logging.getLogger("kopf.objects").handlers:
+        if type(handler).__name__ == "K8sPoster":
+            handler.setFormatter(_NoTraceback())
     from kubernetes import config
 
     try:
@@ -47,10 +113,31 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         config.load_kube_config()
 
 
+def _condition_changes(
+    old: list[dict[str, Any]], new: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The conditions whose status is new or changed (the transitions to report)."""
+    before = {c.get("type"): c.get("status") for c in old}
+    return [c for c in new if before.get(c.get("type")) != c.get("status")]
+
+
+def report_transitions(events: _Events, old: dict[str, Any], new: dict[str, Any]) -> None:
+    """One Event per condition of a ShardedModel that changed status in this tick."""
+    for c in _condition_changes(old.get("conditions") or [], new.get("conditions") or []):
+        bad = (c["type"] == "Ready" and c["status"] == "False") or (
+            c["type"] == "Degraded" and c["status"] == "True"
+        )
+        text = f"{c['type']}={c['status']}" + (f": {c['message']}" if c.get("message") else "")
+        post = events.warning if bad else events.info
+        post(str(c.get("reason") or c["type"]), text[:1000])
+
+
 @kopf.timer(GROUP, VERSION, MODELS, interval=TICK, sharp=False)
 def model_tick(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    status = control.reconcile_model(dict(body), _Events(body))
-    old = dict(body.get("status") or {})
+    events = _Events(body)
+    old = json.loads(json.dumps(dict(body.get("status") or {})))
+    status = control.reconcile_model(dict(body), events)
+    report_transitions(events, old, status)
     for key in set(old) - set(status):
         patch.status[key] = None
     for key, value in status.items():

@@ -45,11 +45,15 @@ settings (endpoint, bucket, region, the model's ``ray.env``) travel in
   ``AWS_SECRET_ACCESS_KEY`` as ``env[].valueFrom.secretKeyRef`` to the model's
   ``spec.storage.credentialsSecret``; Ray's workers inherit the raylet's environment,
   so the job and its Ray Train workers see them. A container that already sets one of
-  these variables keeps its own. Without a credentialsSecret nothing is injected: the
-  pods need their own access (say a service account with a cloud IAM role).
+  these variables keeps its own. (The operator refuses a model without a
+  credentialsSecret its namespace grants it, so every such RayJob gets the reference.)
 - ``clusterSelector``: the operator does not change an existing cluster, so the
   RayCluster's pods must already carry S3 credentials (env from a Secret, or an IAM
-  role). This is what clusterSelector means: the cluster is the user's.
+  role). This is what clusterSelector means: the cluster is the user's, and it is
+  trusted with its keys like a Jobs API cluster (``raylaunch``).
+
+Inside the job, ``lethe.training.connect_ray`` puts only the public settings in the
+driver's runtime_env too: the workers inherit the keys from the raylet's environment.
 
 The ``clusterSelector`` must hold ``ray.io/cluster: <RayCluster name>``, the one key
 KubeRay reads; without it the submission fails at once with that message rather than
@@ -73,15 +77,15 @@ import yaml
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
-from lethe_operator.raylaunch import JobStatus, RayUnavailable, job_entrypoint
+from lethe_operator.raylaunch import SECRET_ENV, JobStatus, RayUnavailable, job_entrypoint
 
 GROUP, VERSION, PLURAL, KIND = "ray.io", "v1", "rayjobs", "RayJob"
 MAX_NAME = 47  # KubeRay's MaxRayJobNameLength (MaxRayClusterNameLength 53 - 6)
 CLUSTER_KEY = "ray.io/cluster"  # the only clusterSelector key KubeRay reads
 SUBMISSION = "lethe.dev/submission-id"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "lethe"}
-# never in runtimeEnvYAML: they come from a Secret (rayClusterSpec) or the cluster
-SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+# SECRET_ENV (raylaunch) never goes in runtimeEnvYAML: it comes from a Secret
+# (rayClusterSpec) or the cluster
 SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")  # keys of credentialsSecret
 TTL_AFTER_FINISHED = 300
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")

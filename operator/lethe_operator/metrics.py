@@ -5,6 +5,9 @@ Labels stay low-cardinality: namespace, model, result. Never a subject id.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+
 from prometheus_client import Counter, Gauge, Histogram
 
 LABELS = ("namespace", "model")
@@ -83,3 +86,27 @@ def track(namespace: str, model: str) -> None:
         m.labels(namespace, model)
     for result in ("succeeded", "failed"):
         requests_total.labels(namespace, model, result)
+
+
+# -- counted once ------------------------------------------------------------------------
+# A model's tick can run the same step again: its status patch failed (a conflict, the
+# API unwell) and the next tick sees the state before it. What a step adds to a counter
+# or a histogram is keyed by what it is about (a batch id, a request uid) and added
+# only the first time this process sees the key. Across a restart "counted" is read
+# from status (a request's target is Succeeded once its share was counted, see
+# ``control``), so a new process does not count what the old one reported.
+_SEEN_MAX = 100_000  # keys remembered (the oldest are forgotten first)
+_seen: OrderedDict[tuple[str, ...], None] = OrderedDict()
+_seen_lock = threading.Lock()
+
+
+def first_time(*key: str) -> bool:
+    """True the first time this process asks about ``key``, False every time after."""
+    with _seen_lock:
+        if key in _seen:
+            _seen.move_to_end(key)
+            return False
+        _seen[key] = None
+        while len(_seen) > _SEEN_MAX:
+            _seen.popitem(last=False)
+        return True

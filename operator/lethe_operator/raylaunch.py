@@ -2,6 +2,17 @@
 
 Submission ids are deterministic (derived from the batch id and the attempt), so a
 restarted operator finds the job it already submitted instead of submitting again.
+
+**Credentials: trusted-cluster only.** A job's ``runtime_env`` is metadata: the Jobs
+API, the dashboard and Ray's state API show it to anyone who can reach the cluster. So
+the job gets only where the data is (endpoint, bucket, region: ``S3Settings.public_env``)
+and the model's non-secret ``ray.env``; ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``
+and ``AWS_SESSION_TOKEN`` are dropped even if a caller passes them. The job's driver and
+its Ray Train workers take the keys from the Ray nodes' own environment (the raylet's,
+which every worker inherits): the cluster is trusted to hold S3 credentials for the
+buckets it serves, and the operator's admin allows only such clusters
+(``LETHE_RAY_ADDRESSES``). A short-lived, prefix-scoped credential per job would need
+STS, which SeaweedFS does not offer.
 """
 
 from __future__ import annotations
@@ -14,6 +25,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+# never in a job's runtime_env: they come from the cluster (see the module docstring)
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
 class RayUnavailable(RuntimeError):
@@ -45,9 +58,12 @@ class Launcher(Protocol):
 
 
 class RayJobs:
+    """The ``Launcher`` for ``spec.ray.address``: jobs of an existing cluster's Jobs API.
+    ``env`` becomes the jobs' ``runtime_env.env_vars``, without any S3 key."""
+
     def __init__(self, address: str, env: dict[str, str], python: str = "python") -> None:
         self.address = address.rstrip("/")
-        self.env = env
+        self.env = {k: v for k, v in env.items() if k not in SECRET_ENV}
         self.python = python
 
     def _call(self, method: str, path: str, body: dict | None = None) -> dict | None:

@@ -5,6 +5,11 @@ writes ``<state>/env`` with the settings the other commands read, and is
 idempotent; ``lethe dev down`` stops exactly the processes it started (each runs
 in its own process group, so no other Ray or SeaweedFS on the machine is touched).
 Only loopback addresses are used.
+
+The Ray head is a trusted cluster: it is started with the stack's S3 keys in its
+environment, which its workers inherit, so no job has to carry them in its runtime_env
+(job metadata). The env file also allows the head's Jobs API to an operator started from
+it (``LETHE_RAY_ADDRESSES``).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 HOST = "127.0.0.1"
-ACCESS_KEY = "lethe"
+ACCESS_KEY = "lethe-local-access"  # distinct enough to search for in Ray's metadata
 SECRET_KEY = "lethe-local-secret"
 DEFAULT_STATE = Path(".lethe/dev")
 
@@ -98,6 +103,8 @@ class StackState:
             "RAY_ADDRESS": self.ray_address,
             "RAY_DASHBOARD_ADDRESS": self.ray_dashboard,
             "RAY_AUTH_MODE": "disabled",
+            # an operator started from this env may submit to this stack's Ray head
+            "LETHE_RAY_ADDRESSES": self.ray_dashboard,
         }
         if self.seaweedfs_master:
             out["LETHE_SEAWEEDFS_MASTER"] = self.seaweedfs_master
@@ -226,7 +233,16 @@ def start_ray(state: Path, num_cpus: int | None) -> tuple[str, str, int]:
     log = state / "ray.log"
     # Ray jobs run `python -m lethe.jobs`: put this virtualenv first on the head's PATH.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    pid = _spawn(cmd, log, {"RAY_AUTH_MODE": "disabled", "PATH": path})
+    # The S3 keys live in the head's environment (every worker inherits the raylet's),
+    # never in a job's runtime_env: this head is the stack's trusted cluster.
+    env = {
+        "RAY_AUTH_MODE": "disabled",
+        "PATH": path,
+        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    pid = _spawn(cmd, log, env)
     dashboard = f"http://{HOST}:{dash}"
     _wait(lambda: _http_ok(f"{dashboard}/api/version"), "Ray head", 120, log)
     return f"{HOST}:{gcs}", dashboard, pid

@@ -63,6 +63,8 @@ class S3Settings:
         return out
 
 
+CONNECT_TIMEOUT_SECONDS = 10
+
 # What S3 answers for an object, or a version of one, that is not there (any more).
 MISSING = ("NoSuchKey", "NoSuchVersion", "404", "NotFound")
 
@@ -82,7 +84,11 @@ class Store:
             aws_secret_access_key=settings.secret_key,
             region_name=settings.region,
             config=Config(
-                retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"}
+                retries={"max_attempts": 5, "mode": "standard"},
+                s3={"addressing_style": "path"},
+                # an endpoint that does not answer fails in seconds, not minutes: the
+                # operator's threads are shared by every model it watches
+                connect_timeout=CONNECT_TIMEOUT_SECONDS,
             ),
         )
 

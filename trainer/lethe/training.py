@@ -248,7 +248,14 @@ def train_shard_loop(config: dict[str, Any]) -> None:
 
 
 def connect_ray(address: str | None, settings: S3Settings) -> None:
-    """Connect this process to Ray, passing S3 settings to workers via the environment."""
+    """Connect this process to Ray. The workers get where the data is (endpoint, bucket,
+    region) through the driver's runtime_env, never the S3 keys: a runtime_env is job
+    and actor metadata, readable through the dashboard and Ray's state API by anyone who
+    can reach the cluster. The keys come from the Ray nodes' own environment, which
+    every worker inherits from its raylet (trusted-cluster only: ``lethe dev`` starts its
+    Ray head with the stack's keys; on KubeRay they are ``secretKeyRef`` env of the pods).
+    A cluster that ``ray.init`` starts here (``address="local"``) inherits this process's
+    environment, so the keys are put there first."""
     import ray
 
     if ray.is_initialized():
@@ -257,20 +264,27 @@ def connect_ray(address: str | None, settings: S3Settings) -> None:
     # Ray Train v2's controller polls its workers every 2 s by default; that idle wait
     # sits on every erasure's critical path, so poll faster.
     env = {
-        **settings.env(),
+        **settings.public_env(),
         "RAY_AUTH_MODE": "disabled",
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get(
             "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"
         ),
     }
     if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
-        # Inside a Ray job (the operator's): the job's runtime env carries the S3
+        # Inside a Ray job (the operator's): the job's runtime env carries the public S3
         # settings too; let ray.init combine the two instead of refusing.
         os.environ["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
     if os.environ.get(FAULT_ENV):
         env[FAULT_ENV] = os.environ[FAULT_ENV]
+    target = address or os.environ.get("RAY_ADDRESS") or "auto"
+    if target == "local":
+        # the raylet started below is this process's child: it (and so every worker)
+        # inherits this environment, the only way keys reach workers
+        for key, value in settings.env().items():
+            if key.startswith("AWS_"):
+                os.environ[key] = value
     ray.init(
-        address=address or os.environ.get("RAY_ADDRESS") or "auto",
+        address=target,
         runtime_env={"env_vars": env},
         log_to_driver=False,
         logging_level="ERROR",
