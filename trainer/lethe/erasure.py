@@ -342,7 +342,7 @@ class Engine:
         doomed = set(tainted)
         for k in plan.affected_shards:
             doomed |= tainted_checkpoints(self.store, self.layout, k, tombstones, live_keys)
-        doomed |= manifests_referencing(self.store, self.layout, doomed, live.number)
+        doomed |= manifests_referencing(self.store, self.layout, doomed, live.number, tombstones)
         deleted: dict[str, int] = {}
         for key in sorted(doomed):
             if key in live_keys:
@@ -903,8 +903,12 @@ def tainted_checkpoints(
     return doomed
 
 
-def manifests_referencing(store: Store, layout: ModelLayout, keys: set[str], live: int) -> set[str]:
-    """Generation manifests (other than the live one) that point at any of ``keys``."""
+def manifests_referencing(
+    store: Store, layout: ModelLayout, keys: set[str], live: int, tombstones: set[str]
+) -> set[str]:
+    """Generation manifests (other than the live one) that point at any of ``keys`` or
+    at a tombstoned file: also a manifest a concurrent writer built on a generation
+    from before a purge and wrote after it (its compare-and-swap then lost: an orphan)."""
     out = set()
     for key, version, is_marker in list(store.list_versions(layout.generations_prefix)):
         if is_marker or key == layout.generation(live) or key in out:
@@ -918,7 +922,8 @@ def manifests_referencing(store: Store, layout: ModelLayout, keys: set[str], liv
         except (ValueError, KeyError):
             out.add(key)  # unreadable manifest: nothing live can depend on it
             continue
-        if gen.referenced_keys() & keys:
+        refs = gen.referenced_keys()
+        if refs & keys or {sha_of_key(k) for k in refs} & tombstones:
             out.add(key)
     return out
 

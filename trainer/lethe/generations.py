@@ -89,6 +89,10 @@ def create_first(store: Store, layout: ModelLayout, gen: Generation) -> Generati
 
 def commit(store: Store, layout: ModelLayout, live: Live, new: Generation) -> Live:
     """CAS ``new`` over ``live``; raises PreconditionFailed if CURRENT moved."""
+    if store.get_with_etag(layout.current)[1] != live.etag:
+        # moved already: writing the manifest would only leave an orphan, which (built on
+        # an older generation) may point at files a concurrent erasure just purged
+        raise PreconditionFailed(layout.current)
     new.number = max(new.number, live.generation.number + 1)
     new.parent = live.generation.number
     body = _write_manifest(store, layout, new)
