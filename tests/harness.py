@@ -229,6 +229,20 @@ def running(op: Operator) -> Iterator[Operator]:
         print(op.tail())
 
 
+@contextmanager
+def serving(
+    kube: kubestack.KubeState, op: Operator, model: str, namespace: str = "default"
+) -> Iterator[Operator]:
+    """The operator running with ``model`` Ready; afterwards the operator is stopped (its
+    log tail printed) and the model removed."""
+    try:
+        with running(op):
+            wait_ready(kube, model, namespace)
+            yield op
+    finally:
+        remove_model(kube, model, namespace)
+
+
 def train_subjects(n: int, offset: int = 0) -> list[str]:
     """``n`` subjects of the digits training split (not the test split), stable order."""
     table, _ = digits_table()

@@ -10,10 +10,10 @@ from lethe import dataio
 from lethe.core.hashing import shard_of
 from lethe.core.manifest import FileRef, Generation
 from lethe.core.plan import ErasureRequest
-from lethe.erasure import Engine, request_uid
+from lethe.erasure import Engine, manifests_referencing, request_uid
 from lethe.generations import commit, read_consistent, read_live
 from lethe.predict import ensemble_accuracy
-from lethe.store import NotFound, Store
+from lethe.store import NotFound, PreconditionFailed, Store
 from lethe.training import RayTrainer
 from lethe.verify import verify
 
@@ -86,3 +86,30 @@ def test_a_version_purged_after_a_listing_is_gone_not_an_error(store: Store) -> 
     store.purge(key)
     with pytest.raises(NotFound):
         store.get_version(key, version)
+
+
+def test_a_commit_on_a_generation_current_left_writes_no_manifest(store: Store) -> None:
+    """Two writers: the loser of the race must not leave an orphan manifest behind (built
+    on an old generation, it could point at files the winner's erasure purged)."""
+    layout, _cfg, _table = ingest_small(store)
+    base = read_live(store, layout)
+    commit(store, layout, base, base.generation.successor("the winner"))
+    before = {k for k, _, _ in store.list_versions(layout.generations_prefix)}
+    with pytest.raises(PreconditionFailed):
+        commit(store, layout, base, base.generation.successor("the loser"))
+    assert {k for k, _, _ in store.list_versions(layout.generations_prefix)} == before
+
+
+def test_an_orphan_manifest_pointing_at_a_tombstoned_file_is_swept(store: Store) -> None:
+    """A manifest written by a writer that died before its CAS, on a generation from
+    before a purge, names a purged file: the purge's sweep finds it by the tombstone."""
+    layout, _cfg, _table = ingest_small(store)
+    live = read_live(store, layout).generation
+    orphan = live.successor("a writer that died before its compare-and-swap")
+    orphan.number = live.number + 5
+    key = layout.generation(orphan.number)
+    store.put_json(key, orphan.to_json())
+    purged = live.shards[0].slices[0].data
+    assert manifests_referencing(store, layout, set(), live.number, set()) == set()
+    found = manifests_referencing(store, layout, set(), live.number, {purged.sha256})
+    assert found == {key}

@@ -33,11 +33,10 @@ from .harness import (
     erasure_request,
     get,
     phase,
-    remove_model,
     s3_secret,
+    serving,
     train_subjects,
     wait_for,
-    wait_ready,
 )
 
 MODEL = "digits-op"
@@ -56,14 +55,8 @@ def operator(
     log = tmp_path_factory.mktemp("operator") / "operator.log"
     op = Operator(kube.kubeconfig, free_port(), log)
     apply(kube, s3_secret(stack), digits_model(MODEL, stack, store))
-    op.start()
-    try:
-        wait_ready(kube, MODEL)
+    with serving(kube, op, MODEL):
         yield op
-    finally:
-        op.stop()
-        remove_model(kube, MODEL)
-        print(op.tail())
 
 
 def test_unknown_model_fails_with_reason(kube, operator) -> None:

@@ -41,11 +41,10 @@ from .harness import (
     get,
     metric,
     phase,
-    remove_model,
     s3_secret,
+    serving,
     train_subjects,
     wait_for,
-    wait_ready,
 )
 
 MODEL = "digits-privacy"
@@ -82,14 +81,8 @@ def operator(
     )
     policy = {"batchWindowSeconds": WINDOW, "maxBatchSize": 10, "ttlSecondsAfterFinished": 3600}
     apply(kube, s3_secret(stack), digits_model(MODEL, stack, store, policy=policy))
-    op.start()
-    try:
-        wait_ready(kube, MODEL)
+    with serving(kube, op, MODEL):
         yield op
-    finally:
-        op.stop()
-        remove_model(kube, MODEL)
-        print(op.tail())
 
 
 def id_secret(name: str, subjects: list[str]) -> dict[str, Any]:
