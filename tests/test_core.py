@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -10,8 +11,19 @@ from lethe.cli import UsageError, read_subjects_file
 from lethe.core.config import ConfigError, ModelConfig, TrainerConfig
 from lethe.core.hashing import keyed_hash, shard_of, slice_of, stable_id
 from lethe.core.lineage import lineage_hash, shard_lineages
-from lethe.core.manifest import FileRef, Generation, ShardState, SliceState
-from lethe.core.plan import estimate_cost, expected_shards_touched, ideal_speedup, slice_work
+from lethe.core.manifest import FileRef, Generation, Monolithic, ShardState, SliceState
+from lethe.core.plan import (
+    BASIS_EXTRAPOLATED,
+    BASIS_MEASURED,
+    CostEstimate,
+    ErasurePlan,
+    RequestPlan,
+    estimate_cost,
+    expected_shards_touched,
+    ideal_speedup,
+    one_request_estimate,
+    slice_work,
+)
 
 
 def test_shard_assignment_is_stable_and_spread() -> None:
@@ -90,7 +102,8 @@ def test_cost_estimate_matches_the_sisa_formula() -> None:
     assert est.full_seconds == pytest.approx(40.0)  # 4 shards x 10 s of recorded training
     assert estimate_cost(gen, {1: 4}).retrain_work == 2 * 10 * (5 + 6 + 7 + 8)
     assert est.retrain_seconds == pytest.approx(10.0)
-    assert est.speedup > 1
+    assert est.speedup == pytest.approx(4.0)  # seconds against seconds, never work
+    assert est.full_basis == BASIS_EXTRAPOLATED
     # averaged over the first affected slice, one request costs (2R+1)/(3R)-ish of a shard
     R = 8
     avg = sum(slice_work([1] * R, 1.0, r) for r in range(R)) / R / slice_work([1] * R, 1.0, 0)
@@ -108,6 +121,111 @@ def test_cost_estimate_charges_each_run_its_fixed_start_up() -> None:
     assert est.full_seconds == pytest.approx(40.0 + 8.0)
 
 
+def test_a_measured_monolithic_run_replaces_the_extrapolation() -> None:
+    # The shards' rate extrapolates to 4 x 10 s = 40 s; a measured run of 12 s on the
+    # same 320 rows (plus its own 5 s start-up) is what a full retrain costs.
+    gen = _gen([[10] * 8] * 4, overhead=8.0)
+    gen.monolithic = Monolithic(12.0, 320, 5.0, 1.0)
+    est = estimate_cost(gen, {1: 0})
+    assert est.full_seconds == pytest.approx(12.0 + 5.0)
+    assert est.full_basis == BASIS_MEASURED
+    assert est.retrain_seconds == pytest.approx(10.0 + 8.0)  # retrains unchanged
+    assert est.speedup == pytest.approx(17.0 / 18.0)  # honest: slower than retraining all
+    # measured on twice the rows: scaled linearly; no start-up measured: the shards'
+    gen.monolithic = Monolithic(12.0, 640)
+    est = estimate_cost(gen, {1: 0})
+    assert est.full_seconds == pytest.approx(6.0 + 8.0)
+    assert est.full_basis == "measured on 640 rows, scaled to 320"
+    with pytest.raises(ValueError):
+        Monolithic(0.0, 10)
+    with pytest.raises(ValueError):
+        Monolithic(1.0, 10, -1.0)
+
+
+def test_one_request_estimate_averages_over_where_a_person_sits() -> None:
+    # 2 shards x 2 slices of 10 rows, 10 s of training a shard, 3 s start-up.
+    # Slice 0 first: the whole shard (10 s); slice 1 first: 2/3 of its work.
+    gen = _gen([[10, 10], [10, 10]], overhead=3.0)
+    one = one_request_estimate(gen)
+    assert one is not None
+    assert one.retrain_seconds == pytest.approx((10.0 + 10.0 * 2 / 3) / 2 + 3.0)
+    assert one.full_seconds == pytest.approx(20.0 + 3.0)
+    untrained = _gen([[10, 10]], secs=0.0)
+    assert one_request_estimate(untrained) is None
+
+
+def test_estimate_json_is_seconds_and_older_plans_still_load() -> None:
+    est = estimate_cost(_gen([[10] * 8] * 4, overhead=8.0), {1: 0})
+    d = est.to_json()
+    assert d["speedup"] == pytest.approx((40.0 + 8.0) / (10.0 + 8.0))
+    assert d["full_basis"] == BASIS_EXTRAPOLATED and d["run_overhead_seconds"] == 8.0
+    again = CostEstimate.from_json(json.loads(json.dumps(d)))
+    assert again == est and not again.legacy
+    # byte for byte: verify re-derives a certificate's estimate from the stored plan
+    assert json.dumps(again.to_json()) == json.dumps(d)
+    assert json.dumps(d) == json.dumps(json.loads(json.dumps(d)))
+    # a plan written before: its "speedup" was full_work / retrain_work
+    old = {
+        "retrain_work": 720.0,
+        "full_work": 2880.0,
+        "retrain_seconds": 18.0,
+        "full_seconds": 48.0,
+        "speedup": 4.0,
+    }
+    legacy = CostEstimate.from_json(old)
+    assert legacy.legacy and legacy.full_basis == BASIS_EXTRAPOLATED
+    assert legacy.to_json() == old  # re-emitted as written: its certificates still verify
+    assert legacy.speedup == pytest.approx(48.0 / 18.0)
+    plan = {
+        "batch_id": "b",
+        "model": "m",
+        "key_id": "k",
+        "base_generation": 3,
+        "requested_at": 1.0,
+        "requests": [],
+        "shards": [{"shard": 1, "first_slice": 0, "records": 2}],
+        "test_records": 0,
+        "estimate": old,
+    }
+    assert ErasurePlan.from_json(plan).to_json()["estimate"] == old
+
+
+def test_certificate_accounting_is_seconds_and_usd_like_for_like() -> None:
+    """The certificate compares the measured erasure with the full retrain's estimate;
+    a certificate of an older plan re-derives as it was issued (no accounting)."""
+    from types import SimpleNamespace
+
+    from lethe.core.cost import ShardRun
+    from lethe.erasure import STEPS, BatchEvidence
+    from lethe.layout import ModelLayout
+
+    gen = _gen([[10] * 8] * 4, overhead=8.0)
+    est = estimate_cost(gen, {1: 0})
+    plan = ErasurePlan("b", "m", "k", 1, 100.0, [], [], 0, est)
+    markers: dict = {step: {} for step in STEPS}
+    markers["quarantine"] = {"at": 100.5}
+    markers["commit"] = {"at": 112.0, "generation": 2}
+    run = ShardRun(1, "r", 0, wall_seconds=18.0, cpu_seconds=18.0, gpu_seconds=0.0)
+    store = SimpleNamespace(bucket="lethe")
+    layout = ModelLayout.of("m")
+    ev = BatchEvidence(store, layout, plan, markers, [run], gen.config)  # type: ignore[arg-type]
+    req = RequestPlan("u", ["h"], ["r1"], [1])
+    body = ev.certificate_body(req)
+    acc = body["accounting"]
+    assert acc["erasure_seconds"] == pytest.approx(12.0)  # request to back in service
+    assert acc["full_retrain_seconds"] == pytest.approx(48.0)
+    assert acc["full_retrain_basis"] == BASIS_EXTRAPOLATED
+    assert acc["speedup"] == pytest.approx(4.0)
+    assert acc["erasure_usd"] == body["cost"]["usd"]
+    assert acc["speedup_usd"] == pytest.approx(48.0 / 18.0, abs=1e-3)
+    assert "speedup" not in body["cost"]
+    plan.estimate = CostEstimate.from_json(
+        {"retrain_work": 1, "full_work": 4, "retrain_seconds": 18, "full_seconds": 48, "speedup": 4}
+    )
+    old = ev.certificate_body(req)
+    assert "accounting" not in old and old["estimate"]["speedup"] == 4
+
+
 def test_manifest_round_trip_and_successor() -> None:
     gen = _gen([[3, 4], [5, 6]])
     gen.quarantine = {1: ["b1"]}
@@ -119,6 +237,11 @@ def test_manifest_round_trip_and_successor() -> None:
     assert (nxt.number, nxt.parent) == (2, 1)
     nxt.quarantine[1].append("b2")
     assert gen.quarantine[1] == ["b1"]  # deep copy
+    assert "monolithic" not in gen.to_json()  # older manifests round-trip unchanged
+    gen.monolithic = Monolithic(30.0, 18, None, 5.0)
+    again = Generation.from_json(gen.to_json())
+    assert again.monolithic == gen.monolithic
+    assert gen.successor("erase").successor("train").monolithic == gen.monolithic
 
 
 def test_set_shard_data_keeps_clean_checkpoints_only() -> None:

@@ -90,6 +90,13 @@ def test_one_erasure_end_to_end(store: Store, trainer: RayTrainer) -> None:
     assert cert["outcome"] == "Erased" and cert["generation_after"] == after.number
     assert cert["timings"]["time_to_forget_seconds"] < cert["timings"]["erasure_seconds"]
     assert cert["cost"]["cpu_seconds"] > 0 and cert["cost"]["full_retrain_usd"] > 0
+    # speed-ups compare like with like: measured seconds against the full retrain's
+    acc = cert["accounting"]
+    assert acc["erasure_seconds"] == cert["timings"]["erasure_seconds"]
+    assert acc["full_retrain_seconds"] == cert["estimate"]["full_seconds"]
+    assert abs(acc["speedup"] - acc["full_retrain_seconds"] / acc["erasure_seconds"]) < 1e-3
+    assert acc["full_retrain_basis"] == "extrapolated from the shards' training rate"
+    assert "speedup" not in cert["cost"] and "full_basis" in cert["estimate"]
     verdict = verify(store, cert)
     assert verdict.ok, verdict.failures
     # repeating the request is a no-op returning the same result

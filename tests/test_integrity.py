@@ -303,6 +303,7 @@ EDITS = {
     "shard_runs": lambda c: c.__setitem__("shard_runs", []),
     "outcome": lambda c: c.__setitem__("outcome", "NothingHeld"),
     "timings": lambda c: c["timings"].__setitem__("erasure_seconds", 0.1),
+    "accounting": lambda c: c["accounting"].__setitem__("speedup", 99.0),
     "all hashes emptied": lambda c: [c[f].clear() for f in ("record_hashes", "subject_hashes")],
 }
 

@@ -147,6 +147,13 @@ def get_model(namespace: str, name: str) -> dict[str, Any] | None:
         raise
 
 
+def patch_model_status(namespace: str, name: str, status: dict[str, Any]) -> None:
+    """Merge ``status`` into the ShardedModel's status (None removes a field)."""
+    k8s.CustomObjectsApi().patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, MODELS, name, {"status": status}
+    )
+
+
 class ModelRefused(Exception):
     """The model asks for something its namespace or the operator's admin did not grant
     (S3 credentials, a Ray address); ``reason`` is a condition reason. Raised before any

@@ -32,7 +32,7 @@ from lethe.erasure import batch_id, release_holds
 from lethe.generations import ModelNotFound, read_live
 from lethe.ingest import IngestError, LayoutOwned, check_owner, ingest_table
 from lethe.store import NotFound, PreconditionFailed
-from lethe_operator import metrics
+from lethe_operator import metrics, wakeup
 from lethe_operator.context import (
     GROUP,
     KILL_ENV,
@@ -61,6 +61,7 @@ from lethe_operator.erasures import (
     sweep_expired,
     update_target,
 )
+from lethe_operator.raylaunch import RayJobs
 
 __all__ = [
     "GROUP",
@@ -374,23 +375,37 @@ def advance_batch(
                 status.pop("activeBatch", None)
                 return status
         requested_at = float(active.get("requestedAt") or active.get("started") or time.time())
-        plan = engine.prepare(reqs, requested_at, batch=batch)
+        # the data purge waits until the retrain job is on its way: they run side by side
+        plan = engine.prepare(reqs, requested_at, batch=batch, purge=False)
         in_plan = {r.uid for r in plan.requests}
         batch_members = [m for m in members if m.uid in in_plan]
         release_holds(ctx.store, ctx.layout, {holder(uid) for uid in in_plan})
-        kill_point("erased")
-        for m in batch_members:
-            if m.target.get("batchId") != batch:
-                update_target(m, ctx.name, {"phase": "DataErased", "batchId": batch}, events)
-        if not engine.committed(plan):
+
+        def data_erased() -> None:
+            engine.purge_data(plan)
+            kill_point("erased")
+            for m in batch_members:
+                if m.target.get("batchId") != batch:
+                    update_target(m, ctx.name, {"phase": "DataErased", "batchId": batch}, events)
+
+        if engine.committed(plan):
+            data_erased()
+        else:
             if time.time() < float(active.get("retryAt", 0)):  # backing off after a failure
+                data_erased()
                 return status
             attempt = int(active.get("attempt", 0))
             job_id = f"lethe-{batch}-{attempt}"
             owners = [m.body for m in batch_members] or [body]
-            job = ctx.ray(owners=owners).ensure(
+            launcher = ctx.ray(owners=owners)
+            job = launcher.ensure(
                 job_id, ["retrain", "--model-prefix", ctx.layout.prefix, "--batch", batch]
             )
+            kill_point("submitted")
+            data_erased()
+            job = launcher.status(job_id) or job  # the purge took a while: look again
+            if not job.done and isinstance(launcher, RayJobs):
+                wakeup.watch_ray_job(launcher.address, job_id, ctx.namespace, ctx.name)
             if job.status in ("FAILED", "STOPPED"):
                 tries = attempt - int(active.get("firstAttempt", 0))
                 if tries < int(ctx.spec["ray"].get("maxRetries", 3)):
@@ -421,7 +436,6 @@ def advance_batch(
                 ]
                 return status
             if job.status != "SUCCEEDED":
-                kill_point("submitted")
                 for m in batch_members:
                     t = m.target
                     if t.get("phase") == "Retraining" and t.get("rayJobId") == job_id:

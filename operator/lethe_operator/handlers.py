@@ -5,13 +5,17 @@ kopf is configured for privacy and quiet (``configure``):
   digest of a request's ``spec.subjects`` / ``spec.recordIds``, never the ids (which
   also keeps a large request far below the 256 KiB annotation limit);
 - its progress annotations never hold an exception's message;
-- only WARNING and above of kopf's own log becomes Events (no "Timer 'model_tick'
-  succeeded" every tick), without tracebacks; phase and condition transitions are
-  posted as Events by the handlers themselves, once per transition.
+- only WARNING and above of kopf's own log becomes Events, without tracebacks; phase
+  and condition transitions are posted as Events by the handlers themselves, once per
+  transition.
+
+Each ShardedModel's state machine runs in one daemon (``model_loop``), woken at once
+by what concerns it (``wakeup``) and at least every ``wakeup.FALLBACK_SECONDS``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Iterable
@@ -19,10 +23,9 @@ from typing import Any
 
 import kopf
 
-from lethe_operator import control, erasures
-from lethe_operator.context import GROUP, MODELS, REQUESTS, VERSION
+from lethe_operator import control, erasures, wakeup
+from lethe_operator.context import GROUP, MODELS, REQUESTS, VERSION, get_model, patch_model_status
 
-TICK = 2.0  # seconds between steps of a model's batch state machine
 WAIT_FOR_PLAN = 2.0  # seconds a deleted request waits before looking for its batch's plan
 ID_FIELDS = ("subjects", "recordIds")  # spec fields that hold subject or record ids
 DIGEST_DOMAIN = "lethe.dev/diffbase/v1"  # the digest of an id list in the diff base
@@ -132,17 +135,38 @@ def report_transitions(events: _Events, old: dict[str, Any], new: dict[str, Any]
         post(str(c.get("reason") or c["type"]), text[:1000])
 
 
-@kopf.timer(GROUP, VERSION, MODELS, interval=TICK, sharp=False)
-def model_tick(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+@kopf.daemon(GROUP, VERSION, MODELS, cancellation_timeout=10.0)
+async def model_loop(
+    name: str, namespace: str, stopped: kopf.DaemonStopped, logger: logging.Logger, **_: Any
+) -> None:
+    """A ShardedModel's control loop: one reconcile at a time, each time it is woken
+    (``wakeup``: a request arrived, a Ray job ended) or the fallback interval passed."""
+    event = wakeup.register(namespace, name)
+    try:
+        while not stopped:
+            try:
+                await asyncio.to_thread(reconcile_once, namespace, name)
+            except Exception as e:  # noqa: BLE001 - the next round retries
+                logger.warning("reconcile failed (%s); retrying", type(e).__name__)
+            await wakeup.sleep(event)
+    finally:
+        wakeup.unregister(namespace, name)
+
+
+def reconcile_once(namespace: str, name: str) -> None:
+    """One step of the model's state machine on a fresh read of it; its status changes
+    are written with a merge patch (fields gone are set to null)."""
+    body = get_model(namespace, name)
+    if body is None:
+        return
     events = _Events(body)
     old = json.loads(json.dumps(dict(body.get("status") or {})))
     status = control.reconcile_model(dict(body), events)
     report_transitions(events, old, status)
-    for key in set(old) - set(status):
-        patch.status[key] = None
-    for key, value in status.items():
-        if old.get(key) != value:
-            patch.status[key] = value
+    patch = {key: None for key in set(old) - set(status)}
+    patch.update({k: v for k, v in status.items() if old.get(k) != v})
+    if patch:
+        patch_model_status(namespace, name, patch)
 
 
 @kopf.on.create(GROUP, VERSION, REQUESTS)
@@ -154,6 +178,7 @@ def request_created(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
         raise kopf.TemporaryError(str(e), delay=10) from None
     for key, value in status.items():
         patch.status[key] = value
+    wakeup.wake(body["metadata"]["namespace"])
 
 
 @kopf.on.delete(GROUP, VERSION, REQUESTS)
@@ -164,3 +189,4 @@ def request_deleted(body: kopf.Body, **_: Any) -> None:
         erasures.forget_request(dict(body), _Events(body))
     except erasures.BatchNotPlanned as e:
         raise kopf.TemporaryError(str(e), delay=WAIT_FOR_PLAN) from None
+    wakeup.wake(body["metadata"]["namespace"])

@@ -127,8 +127,15 @@ class Engine:
         done = self.result_of(requests)
         if done is not None:
             return done
-        plan = self.prepare(requests, requested_at)
-        self.retrain(plan)
+        plan = self.prepare(requests, requested_at, purge=False)
+        # The purge of the erased rows (and the store's reclaim of their bytes, seconds
+        # on SeaweedFS) runs beside the retrain, which reads only the patched files; both
+        # end before the certificate, and a failed retrain still waits for the purge.
+        purging = _Background(lambda: self.purge_data(plan))
+        try:
+            self.retrain(plan)
+        finally:
+            purging.join()
         return self.finish(plan)
 
     # The parts below let a control plane run the retrain elsewhere (a Ray job):
@@ -149,19 +156,32 @@ class Engine:
         requests: list[ErasureRequest],
         requested_at: float | None = None,
         batch: str | None = None,
+        purge: bool = True,
     ) -> ErasurePlan:
         """Steps 1-4 and the data purge: resolve, plan, quarantine, patch, then delete
         every version of every object that held the erased rows. After this the data is
         gone, whatever happens to the retrain. ``batch`` names the batch explicitly: a
-        batch is immutable once named, so an existing plan is used as it is."""
+        batch is immutable once named, so an existing plan is used as it is.
+        ``purge=False`` leaves the data purge to ``purge_data``, for a caller that runs
+        it beside the retrain (``finish`` runs it if nobody did)."""
         batch = batch or batch_id(self.model, requests)
         plan = self._plan(batch, requests, requested_at or time.time())
         _crash_point("plan")
         if plan.record_hashes:
+            # warm retrain lanes start while the data is patched
+            prewarm = getattr(self.trainer, "prewarm", None)
+            if prewarm is not None:
+                prewarm(read_live(self.store, self.layout).generation.config, len(plan.shards))
             self._once(plan, "quarantine", lambda: self._quarantine(plan))
             self._once(plan, "patch", lambda: self._patch(plan))
-            self._once(plan, "purge-data", lambda: self._purge_data(plan))
+            if purge:
+                self.purge_data(plan)
         return plan
+
+    def purge_data(self, plan: ErasurePlan) -> None:
+        """Step "purge-data" (see ``prepare``); done once, safe to call again."""
+        if plan.record_hashes:
+            self._once(plan, "purge-data", lambda: self._purge_data(plan))
 
     def plan_exists(self, batch: str) -> bool:
         return self.store.exists(self.layout.plan(batch))
@@ -180,6 +200,7 @@ class Engine:
 
     def finish(self, plan: ErasurePlan) -> dict[str, Any]:
         """Steps 7-8: purge what was trained on the erased rows, and certify."""
+        self.purge_data(plan)
         if plan.record_hashes:
             if not self.committed(plan):
                 raise ErasureFailed("NotRetrained", f"batch {plan.batch_id} is not committed yet")
@@ -666,6 +687,27 @@ class Engine:
         _crash_point(step)
 
 
+class _Background:
+    """A step run in a thread; ``join`` re-raises what it raised."""
+
+    def __init__(self, run: Callable[[], None]) -> None:
+        self.error: BaseException | None = None
+
+        def target() -> None:
+            try:
+                run()
+            except BaseException as e:  # noqa: BLE001 - re-raised by join
+                self.error = e
+
+        self.thread = threading.Thread(target=target, daemon=True)
+        self.thread.start()
+
+    def join(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
 def _crash_point(step: str) -> None:
     if os.environ.get(CRASH_ENV) == step:
         os._exit(75)
@@ -719,7 +761,7 @@ class BatchEvidence:
             runs, self.config.prices, full * t.cpus_per_worker, full * t.gpus_per_worker
         )
         commit, data, purge = markers["commit"], markers["purge-data"], markers["purge"]
-        return {
+        body: dict[str, Any] = {
             "kind": CERTIFICATE_KIND,
             "version": CERTIFICATE_VERSION,
             "bucket": self.store.bucket,
@@ -750,6 +792,13 @@ class BatchEvidence:
             "cost": cost.to_json(),
             "estimate": plan.estimate.to_json(),
         }
+        if not plan.estimate.legacy:  # an older plan's certificate re-derives as it was issued
+            from lethe.core.cost import accounting
+
+            est = plan.estimate
+            erasure = body["timings"]["erasure_seconds"]
+            body["accounting"] = accounting(erasure, est.full_seconds, est.full_basis, cost)
+        return body
 
 
 def make_plan(

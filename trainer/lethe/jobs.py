@@ -1,9 +1,11 @@
 """Entry points of the Ray jobs a control plane submits (``python -m lethe.jobs``).
 
 The operator never imports torch: it prepares an erasure (plan, quarantine, patch),
-submits ``retrain`` as a Ray job, and finishes (purge, certify) when the job is
-done. ``train`` trains a newly ingested model. Both run on the Ray cluster, read
-S3 settings from the environment and are safe to run again.
+submits ``retrain`` as a Ray job, purges the erased rows while it runs, and finishes
+(purge, certify) when the job is done. ``train`` trains a newly ingested model. Both
+run on the Ray cluster, read S3 settings from the environment and are safe to run
+again. Their drivers do not import torch either: the training and the accuracy run on
+the cluster's warm retrain service (``lethe.warm``), which has it loaded.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from lethe.erasure import Engine
-    from lethe.predict import ensemble_accuracy
     from lethe.training import RayTrainer, train_model
 
     store = Store(S3Settings.from_env())
@@ -36,10 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if not args.batch:
             p.error("retrain needs --batch")
-        engine = Engine(store, layout, trainer, evaluate=lambda g: ensemble_accuracy(store, g))
+        engine = Engine(store, layout, trainer, evaluate=lambda g: trainer.evaluate(store, g))
         plan = engine.load_plan(args.batch)
         engine.retrain(plan)
         out = {"batch": plan.batch_id, "shards": plan.affected_shards}
+    out["torch_imported"] = "torch" in sys.modules  # the driver should not need it
     print(json.dumps(out))
     return 0
 

@@ -201,8 +201,18 @@ def launch_seaweedfs(state: Path) -> SeaweedFS:
 
 
 def start_ray(state: Path, num_cpus: int | None) -> tuple[str, str, int]:
-    gcs, dash, client = free_port(), free_port(), free_port()
-    lo = 30000 + (gcs % 200) * 100  # a worker port range of our own, off the other ports
+    while True:  # a worker port range of our own, off the other ports
+        gcs = free_port()
+        lo = 30000 + (gcs % 200) * 100
+        if gcs not in range(lo, lo + 100):
+            break
+
+    def port() -> int:  # a free port outside that range (Ray refuses an overlap)
+        while (p := free_port()) in range(lo, lo + 100):
+            pass
+        return p
+
+    dash, client = port(), port()
     temp = Path(f"/tmp/lethe-ray-{gcs}")
     cmd = [
         _tool("ray"),
@@ -229,7 +239,7 @@ def start_ray(state: Path, num_cpus: int | None) -> tuple[str, str, int]:
         "node-manager-port",
         "object-manager-port",
     ):
-        cmd.append(f"--{flag}={free_port()}")
+        cmd.append(f"--{flag}={port()}")
     log = state / "ray.log"
     # Ray jobs run `python -m lethe.jobs`: put this virtualenv first on the head's PATH.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"

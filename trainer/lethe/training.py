@@ -14,6 +14,7 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -55,6 +56,7 @@ class ShardTask:
     report_prefix: str = ""  # where each attempt's resource report goes ("" = nowhere)
     attempt: str = ""  # set per Ray Train run by the trainer
     submitted_at: float = 0.0  # when that run was submitted (its start-up counts as cost)
+    inject_failure: bool = False  # fault injection (FAULT_ENV of the submitting driver)
 
 
 def _write_report(store: Store, task: ShardTask, cfg: ModelConfig, **fields: Any) -> None:
@@ -108,8 +110,18 @@ def _peak_rss() -> int:
     return 0
 
 
-def train_shard_loop(config: dict[str, Any]) -> None:
-    """The Ray Train worker function (runs in a Ray actor)."""
+def train_shard(
+    cfg: ModelConfig,
+    task: ShardTask,
+    store: Store,
+    rank: int,
+    world: int,
+    report: Callable[[dict[str, Any], bool], None],
+) -> dict[str, Any]:
+    """Train slices ``task.first_slice``.. of one shard on this Ray Train worker, one
+    checkpoint per slice; returns the run's metrics. The same function serves a cold run
+    (``train_shard_loop``) and a warm lane (``lethe.warm``), so both write the same bytes.
+    ``report(metrics, last)`` hands per-slice metrics to whoever runs it."""
     import ray.train
     import ray.train.torch
     import torch
@@ -117,15 +129,8 @@ def train_shard_loop(config: dict[str, Any]) -> None:
 
     from lethe.models import build_model, load_checkpoint, save_checkpoint
 
-    if os.environ.get(FAULT_ENV) == "1":
-        raise RuntimeError(f"injected training failure ({FAULT_ENV}=1)")
-    cfg = ModelConfig.from_json(config["model"])
-    task = ShardTask(**config["task"])
     tc = cfg.trainer
     torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
-    store = Store(S3Settings.from_env())
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if tc.use_gpu else torch.device("cpu")
 
     torch.manual_seed(tc.seed * 1_000_003 + task.shard * 1009)  # initial weights too
@@ -146,6 +151,7 @@ def train_shard_loop(config: dict[str, Any]) -> None:
     ys: list[np.ndarray] = []
     train_seconds = 0.0
     trained = 0  # slices trained by this run (not loaded from another writer's checkpoint)
+    metrics: dict[str, Any] = {"train_seconds": 0.0, "slices_trained": 0, "peak_rss": 0}
     for r in range(cfg.slices):
         try:
             body = store.get(task.data[r]["key"])
@@ -167,7 +173,7 @@ def train_shard_loop(config: dict[str, Any]) -> None:
             inner.load_state_dict(state["model"])
             if state.get("optimizer"):
                 optimizer.load_state_dict(state["optimizer"])
-            ray.train.report({"slice": r, "train_seconds": train_seconds, "skipped": 1})
+            report({"slice": r, "train_seconds": train_seconds, "skipped": 1}, False)
             continue
         trained += 1
         t0 = time.perf_counter()
@@ -236,7 +242,23 @@ def train_shard_loop(config: dict[str, Any]) -> None:
             "peak_rss": _peak_rss(),
             "slices_trained": trained,
         }
-        if rank == 0 and r == cfg.slices - 1:
+        report(metrics, r == cfg.slices - 1)
+    return metrics
+
+
+def train_shard_loop(config: dict[str, Any]) -> None:
+    """The worker function of a cold Ray Train run (one run per shard task)."""
+    import ray.train
+
+    if os.environ.get(FAULT_ENV) == "1" or config["task"].get("inject_failure"):
+        raise RuntimeError(f"injected training failure ({FAULT_ENV}=1)")
+    cfg = ModelConfig.from_json(config["model"])
+    task = ShardTask(**config["task"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+
+    def report(metrics: dict[str, Any], last: bool) -> None:
+        if rank == 0 and last:
             # Ray Train v2 hands back only metrics that come with a checkpoint; this one
             # is a few bytes in the local run directory (the model went to S3 above).
             with tempfile.TemporaryDirectory() as tmp:
@@ -245,6 +267,8 @@ def train_shard_loop(config: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
+
+    train_shard(cfg, task, Store(S3Settings.from_env()), rank, world, report)
 
 
 def connect_ray(address: str | None, settings: S3Settings) -> None:
@@ -277,6 +301,10 @@ def connect_ray(address: str | None, settings: S3Settings) -> None:
     if os.environ.get(FAULT_ENV):
         env[FAULT_ENV] = os.environ[FAULT_ENV]
     target = address or os.environ.get("RAY_ADDRESS") or "auto"
+    if target not in ("auto", "local"):
+        # Ray's own actors (Train's placement-group cleaner) find the cluster's state
+        # API through it; without it they fail where two Ray instances share a machine.
+        env["RAY_ADDRESS"] = target
     if target == "local":
         # the raylet started below is this process's child: it (and so every worker)
         # inherits this environment, the only way keys reach workers
@@ -322,35 +350,72 @@ def shard_tasks(
 
 
 class RayTrainer:
-    """Runs shard tasks as concurrent Ray Train runs on a connected Ray cluster."""
+    """Runs shard tasks on a connected Ray cluster: on the cluster's warm retrain
+    service (``lethe.warm``) when it can, as concurrent cold Ray Train runs otherwise
+    (``warm=False``, ``LETHE_WARM=0``, or the service died under the tasks)."""
 
-    def __init__(self, settings: S3Settings, ray_address: str | None = None) -> None:
+    def __init__(
+        self, settings: S3Settings, ray_address: str | None = None, warm: bool | None = None
+    ) -> None:
+        from lethe import warm as warm_service
+
         self.settings = settings
         self.ray_address = ray_address
+        self.warm = warm_service.enabled() if warm is None else warm
         self.storage = os.environ.get("LETHE_RAY_STORAGE") or os.path.join(
             tempfile.gettempdir(), "lethe-ray-train"
         )
 
-    def _fit(self, cfg: ModelConfig, task: ShardTask) -> ShardRun:
+    def new_attempt(self, cfg: ModelConfig, task: ShardTask) -> ShardTask:
+        """The task as one Ray Train attempt: its own id, submitted now, reported at once
+        (a certificate then accounts for it even if it is killed before a slice ends)."""
         import uuid
 
-        from ray.train import FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
-
-        tc = cfg.trainer
-        task = ShardTask(**{**asdict(task), "attempt": uuid.uuid4().hex[:12]})
+        task = ShardTask(
+            **{
+                **asdict(task),
+                "attempt": uuid.uuid4().hex[:12],
+                "inject_failure": task.inject_failure or os.environ.get(FAULT_ENV) == "1",
+            }
+        )
         task.submitted_at = time.time()
-        store = Store(self.settings)
-        _write_report(store, task, cfg, updated_at=task.submitted_at, finished=False)
-        resources = {"CPU": tc.cpus_per_worker}
-        if tc.use_gpu:
-            resources["GPU"] = tc.gpus_per_worker
-        trainer = TorchTrainer(
+        _write_report(Store(self.settings), task, cfg, updated_at=task.submitted_at, finished=False)
+        return task
+
+    def finished_run(
+        self, cfg: ModelConfig, task: ShardTask, metrics: dict[str, Any], wall: float
+    ) -> ShardRun:
+        """The ShardRun of an attempt that ended, written where the certificate reads it."""
+        tc = cfg.trainer
+        run = ShardRun(
+            shard=task.shard,
+            run_id=task.run_id,
+            first_slice=task.first_slice,
+            slices_trained=int(metrics.get("slices_trained", cfg.slices - task.first_slice)),
+            wall_seconds=wall,
+            train_seconds=float(metrics.get("train_seconds", 0.0)),
+            cpu_seconds=wall * tc.workers_per_shard * tc.cpus_per_worker,
+            gpu_seconds=wall * tc.workers_per_shard * tc.gpus_per_worker,
+            peak_rss_bytes=int(metrics.get("peak_rss", 0)),
+            attempt=task.attempt,
+            submitted_at=task.submitted_at,
+            finished=True,
+        )
+        if task.report_prefix:
+            Store(self.settings).put_json(f"{task.report_prefix}{task.attempt}.json", run.to_json())
+        return run
+
+    def _fit(self, cfg: ModelConfig, task: ShardTask) -> ShardRun:
+        """One cold Ray Train run for one task."""
+        from ray.train import FailureConfig, RunConfig
+
+        from lethe.raytrain import LetheTorchTrainer
+
+        task = self.new_attempt(cfg, task)
+        trainer = LetheTorchTrainer(
             train_shard_loop,
             train_loop_config={"model": cfg.to_json(), "task": asdict(task)},
-            scaling_config=ScalingConfig(
-                num_workers=tc.workers_per_shard, use_gpu=tc.use_gpu, resources_per_worker=resources
-            ),
+            scaling_config=scaling_config(cfg),
             run_config=RunConfig(
                 name=f"{task.run_id}-{time.time_ns()}",
                 storage_path=self.storage,
@@ -361,38 +426,15 @@ class RayTrainer:
         try:
             result = trainer.fit()
         except Exception as e:  # Ray wraps worker errors in its own types
-            if STALE_MARK in str(e):
-                raise StaleLineage(f"shard {task.shard}: trained on data purged meanwhile") from e
-            raise RetrainFailed(
-                f"shard {task.shard}: Ray Train run {task.run_id} failed: {type(e).__name__}: {e}"
-            ) from e
-        wall = time.perf_counter() - t0
-        metrics = result.metrics or {}
-        workers = tc.workers_per_shard
-        run = ShardRun(
-            shard=task.shard,
-            run_id=task.run_id,
-            first_slice=task.first_slice,
-            slices_trained=int(metrics.get("slices_trained", cfg.slices - task.first_slice)),
-            wall_seconds=wall,
-            train_seconds=float(metrics.get("train_seconds", 0.0)),
-            cpu_seconds=wall * workers * tc.cpus_per_worker,
-            gpu_seconds=wall * workers * tc.gpus_per_worker,
-            peak_rss_bytes=int(metrics.get("peak_rss", 0)),
-            attempt=task.attempt,
-            submitted_at=task.submitted_at,
-            finished=True,
-        )
-        if task.report_prefix:
-            store.put_json(f"{task.report_prefix}{task.attempt}.json", run.to_json())
-        return run
+            raise run_error(task, str(e), type(e).__name__) from e
+        return self.finished_run(cfg, task, result.metrics or {}, time.perf_counter() - t0)
 
-    def train(self, cfg: ModelConfig, tasks: list[ShardTask]) -> list[ShardRun]:
-        """Train all tasks concurrently; raises RetrainFailed if any run failed
-        (the others still finish and their checkpoints stay usable)."""
-        if not tasks:
-            return []
-        connect_ray(self.ray_address, self.settings)
+    def _cold(self, cfg: ModelConfig, tasks: list[ShardTask]) -> list[ShardRun]:
+        """Every task as its own cold Ray Train run, all at once; raises after all ended.
+        Idle warm lanes give their resources back first (they would starve these runs)."""
+        from lethe.warm import release_idle
+
+        release_idle()
         runs: dict[int, ShardRun] = {}
         errors: list[BaseException] = []
 
@@ -407,11 +449,80 @@ class RayTrainer:
             t.start()
         for t in threads:
             t.join()
-        if errors:
-            if all(isinstance(e, StaleLineage) for e in errors):
-                raise StaleLineage("; ".join(str(e) for e in errors))
-            raise RetrainFailed("; ".join(str(e) for e in errors))
+        raise_collected(errors)
         return [runs[t.shard] for t in tasks]
+
+    def train(self, cfg: ModelConfig, tasks: list[ShardTask]) -> list[ShardRun]:
+        """Train all tasks concurrently; raises RetrainFailed if any run failed
+        (the others still finish and their checkpoints stay usable)."""
+        if not tasks:
+            return []
+        connect_ray(self.ray_address, self.settings)
+        if not self.warm:
+            return self._cold(cfg, tasks)
+        from lethe.warm import train_warm
+
+        runs, lost = train_warm(self, cfg, tasks)
+        # Tasks whose warm lane (or the service) died: the cold path, which resumes from
+        # the last checkpoint the lane wrote, so no finished slice is trained twice.
+        return runs + (self._cold(cfg, lost) if lost else [])
+
+    def prewarm(self, cfg: ModelConfig, shards: int) -> None:
+        """Start warm lanes for ``shards`` concurrent retrains without waiting for them
+        (an erasure calls this first, so lanes start while it plans and patches)."""
+        if not self.warm:
+            return
+        from lethe.warm import prewarm
+
+        connect_ray(self.ray_address, self.settings)
+        prewarm(cfg, shards)
+
+    def evaluate(self, store: Store, gen: Generation) -> float | None:
+        """Test accuracy of ``gen``'s ensemble, computed where torch is already loaded
+        (the warm service) so that a driver need not import it; here otherwise."""
+        if self.warm:
+            from lethe.warm import ServiceUnavailable, evaluate_warm
+
+            connect_ray(self.ray_address, self.settings)
+            try:
+                return evaluate_warm(store, gen)
+            except ServiceUnavailable:
+                pass
+        from lethe.predict import ensemble_accuracy
+
+        return ensemble_accuracy(store, gen)
+
+
+def scaling_config(cfg: ModelConfig) -> Any:
+    """Ray Train's ScalingConfig of one shard's run (cold or warm: the same)."""
+    from ray.train import ScalingConfig
+
+    tc = cfg.trainer
+    resources = {"CPU": tc.cpus_per_worker}
+    if tc.use_gpu:
+        resources["GPU"] = tc.gpus_per_worker
+    return ScalingConfig(
+        num_workers=tc.workers_per_shard, use_gpu=tc.use_gpu, resources_per_worker=resources
+    )
+
+
+def run_error(task: ShardTask, message: str, kind: str = "") -> RuntimeError:
+    """The error a failed run of ``task`` raises: StaleLineage when it trained on data
+    purged meanwhile (Ray wraps the worker's error in its own types), else RetrainFailed."""
+    if STALE_MARK in message:
+        return StaleLineage(f"shard {task.shard}: trained on data purged meanwhile")
+    return RetrainFailed(
+        f"shard {task.shard}: Ray Train run {task.run_id} failed: {kind + ': ' if kind else ''}"
+        f"{message}"
+    )
+
+
+def raise_collected(errors: list[BaseException]) -> None:
+    if not errors:
+        return
+    if all(isinstance(e, StaleLineage) for e in errors):
+        raise StaleLineage("; ".join(str(e) for e in errors))
+    raise RetrainFailed("; ".join(str(e) for e in errors))
 
 
 def train_model(
@@ -421,7 +532,6 @@ def train_model(
     Safe to repeat: slices already trained (their lineage keys exist) are skipped."""
     from lethe.checkpoints import adopt_checkpoints, pending_slices
     from lethe.generations import read_live, update
-    from lethe.predict import ensemble_accuracy
 
     gen = read_live(store, layout).generation
     adopt_checkpoints(store, layout, gen, range(len(gen.shards)))
@@ -442,7 +552,7 @@ def train_model(
                 shard.train_seconds, shard.overhead_seconds = train, overhead
                 changed = True
         if evaluate and (changed or g.accuracy is None):
-            nxt.accuracy = ensemble_accuracy(store, nxt)
+            nxt.accuracy = trainer.evaluate(store, nxt)
             changed = changed or nxt.accuracy is not None
         return nxt if changed else None
 

@@ -9,7 +9,8 @@ key (``--keys``), verify checks:
    and the generation before), its step markers (the generation after, the lineages
    and the run that trained each checkpoint, the keys deleted, the tombstones, the
    source and storage state, the timings), and the runs' own resource reports (the
-   runs and the cost, recomputed);
+   runs and the cost, recomputed, and the accounting: the measured erasure seconds and
+   USD against the plan's full-retrain estimate and its basis);
 3. that no object under the model's prefix (``--bucket-wide``: the whole bucket),
    in any version, whatever its name or format, holds a named subject or record id:
    every candidate token is hashed with the HMAC key and looked up;

@@ -59,3 +59,25 @@ def total_cost(
         usd=prices.usd(cpu, gpu),
         full_retrain_usd=prices.usd(full_retrain_cpu_seconds, full_retrain_gpu_seconds),
     )
+
+
+def ratio(whole: float, part: float) -> float | None:
+    """A speed-up, rounded for reading; None where there is nothing to divide by."""
+    return round(whole / part, 3) if part > 0 else None
+
+
+def accounting(
+    erasure_seconds: float, full_seconds: float, full_basis: str, cost: Cost
+) -> dict[str, Any]:
+    """An erasure against a full retrain, like against like: measured wall seconds
+    (request to shards back in service) against the full retrain's estimated seconds
+    (training plus its run's start-up), and USD against USD."""
+    return {
+        "erasure_seconds": erasure_seconds,
+        "full_retrain_seconds": full_seconds,
+        "full_retrain_basis": full_basis,
+        "speedup": ratio(full_seconds, erasure_seconds),
+        "erasure_usd": cost.usd,
+        "full_retrain_usd": cost.full_retrain_usd,
+        "speedup_usd": ratio(cost.full_retrain_usd, cost.usd),
+    }

@@ -90,6 +90,42 @@ class ShardState:
         )
 
 
+@dataclass(frozen=True)
+class Monolithic:
+    """A measured full retrain: one model (S=1, R=1) trained on all the training data
+    with the same trainer. Cost estimates scale it to the rows a generation holds
+    instead of extrapolating from the shards, whose small runs train at another rate."""
+
+    train_seconds: float  # in-worker training, as ShardState.train_seconds
+    rows: int  # training rows it was measured on
+    overhead_seconds: float | None = None  # the run's fixed start-up, if known
+    measured_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.train_seconds > 0 or self.rows <= 0:
+            raise ValueError("a monolithic measurement needs positive seconds and rows")
+        if self.overhead_seconds is not None and self.overhead_seconds < 0:
+            raise ValueError("a monolithic measurement's overhead must not be negative")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "train_seconds": self.train_seconds,
+            "rows": self.rows,
+            "overhead_seconds": self.overhead_seconds,
+            "measured_at": self.measured_at,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Monolithic:
+        overhead = d.get("overhead_seconds")
+        return cls(
+            float(d["train_seconds"]),
+            int(d["rows"]),
+            None if overhead is None else float(overhead),
+            float(d.get("measured_at", 0.0)),
+        )
+
+
 @dataclass
 class Generation:
     number: int
@@ -101,6 +137,11 @@ class Generation:
     accuracy: float | None = None
     reason: str = ""
     created: float = field(default_factory=time.time)
+    monolithic: Monolithic | None = None  # carried to successors (a deep copy)
+
+    @property
+    def training_rows(self) -> int:
+        return sum(s.rows for s in self.shards)
 
     @property
     def quarantined_shards(self) -> list[int]:
@@ -147,7 +188,7 @@ class Generation:
         self.shards[k] = ShardState(index, slices, old.train_seconds, old.overhead_seconds)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "generation": self.number,
             "parent": self.parent,
             "created": self.created,
@@ -158,6 +199,9 @@ class Generation:
             "quarantine": {str(k): v for k, v in sorted(self.quarantine.items()) if v},
             "accuracy": self.accuracy,
         }
+        if self.monolithic is not None:  # absent otherwise: older manifests stay as written
+            out["monolithic"] = self.monolithic.to_json()
+        return out
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Generation:
@@ -171,4 +215,5 @@ class Generation:
             accuracy=d.get("accuracy"),
             reason=d.get("reason", ""),
             created=float(d.get("created", 0.0)),
+            monolithic=Monolithic.from_json(d["monolithic"]) if d.get("monolithic") else None,
         )

@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lethe.core.manifest import Generation
+from lethe.core.sizing import (  # re-exported: their home is lethe.core.sizing
+    expected_shards_touched as expected_shards_touched,
+)
+from lethe.core.sizing import ideal_speedup as ideal_speedup
 
 
 @dataclass(frozen=True)
@@ -84,28 +88,64 @@ class ShardPlan:
         return {"shard": self.shard, "first_slice": self.first_slice, "records": self.records}
 
 
+BASIS_EXTRAPOLATED = "extrapolated from the shards' training rate"
+BASIS_MEASURED = "measured"
+
+
 @dataclass
 class CostEstimate:
-    """Work in 'record-epochs' (rows seen by the optimiser), and the seconds and USD
-    that the recorded training times of the model imply."""
+    """Seconds of the retrain and of a full retrain (one monolithic model on all the
+    data), each with the fixed start-up of its runs; ``full_basis`` says where the
+    full retrain's seconds come from. Work (rows seen by the optimiser, 'record-epochs')
+    is information only: a speed-up is always seconds against seconds."""
 
     retrain_work: float
     full_work: float
     retrain_seconds: float
     full_seconds: float
+    full_basis: str = BASIS_EXTRAPOLATED
+    run_overhead_seconds: float = 0.0  # the fixed start-up each retrain run pays
+    # the JSON of a plan written before seconds-only accounting, re-emitted as written
+    # so that certificates issued from it still verify
+    legacy_json: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     @property
-    def speedup(self) -> float:
-        return self.full_work / self.retrain_work if self.retrain_work else float("inf")
+    def legacy(self) -> bool:
+        return self.legacy_json is not None
+
+    @property
+    def speedup(self) -> float | None:
+        """Estimated full retrain seconds / estimated retrain seconds."""
+        return self.full_seconds / self.retrain_seconds if self.retrain_seconds > 0 else None
 
     def to_json(self) -> dict[str, Any]:
+        if self.legacy_json is not None:
+            return dict(self.legacy_json)
         return {
-            "retrain_work": self.retrain_work,
-            "full_work": self.full_work,
             "retrain_seconds": self.retrain_seconds,
             "full_seconds": self.full_seconds,
-            "speedup": self.speedup if self.retrain_work else None,
+            "full_basis": self.full_basis,
+            "speedup": self.speedup,
+            "run_overhead_seconds": self.run_overhead_seconds,
+            "retrain_work": self.retrain_work,
+            "full_work": self.full_work,
         }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> CostEstimate:
+        # values as stored, uncoerced: a certificate re-derives its estimate from the
+        # stored plan, and 200 and 200.0 are different JSON
+        est = cls(
+            d.get("retrain_work", 0.0),
+            d.get("full_work", 0.0),
+            d["retrain_seconds"],
+            d["full_seconds"],
+            d.get("full_basis", BASIS_EXTRAPOLATED),
+            d.get("run_overhead_seconds", 0.0),
+        )
+        if "full_basis" not in d:  # older plans: their "speedup" was a ratio of work
+            est.legacy_json = dict(d)
+        return est
 
 
 @dataclass
@@ -145,7 +185,6 @@ class ErasurePlan:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ErasurePlan:
-        e = d["estimate"]
         return cls(
             batch_id=d["batch_id"],
             model=d["model"],
@@ -155,9 +194,7 @@ class ErasurePlan:
             requests=[RequestPlan.from_json(r) for r in d["requests"]],
             shards=[ShardPlan(**s) for s in d["shards"]],
             test_records=int(d["test_records"]),
-            estimate=CostEstimate(
-                e["retrain_work"], e["full_work"], e["retrain_seconds"], e["full_seconds"]
-            ),
+            estimate=CostEstimate.from_json(d["estimate"]),
             record_hashes=list(d.get("record_hashes", [])),
         )
 
@@ -173,49 +210,85 @@ def slice_work(rows_per_slice: list[int], epochs_per_slice: float, start: int) -
     return work
 
 
-def estimate_cost(gen: Generation, first_slices: dict[int, int]) -> CostEstimate:
-    """Retrain cost of the affected shards against a full retrain of one monolithic
-    model on all data (e epochs), in work units and in seconds.
+def run_overhead(gen: Generation) -> float:
+    """The fixed start-up of one run: the least any shard run paid (runs that queued
+    for a free slot paid more)."""
+    return min((s.overhead_seconds for s in gen.shards), default=0.0)
 
-    Seconds are what a bill charges: training at the model's recorded rate plus the
-    fixed start-up of a run (measured when the shards were trained), once per shard
-    run for the retrain and once for the full retrain."""
+
+def full_retrain(gen: Generation) -> tuple[float, float, str]:
+    """A full retrain of ``gen``'s training data: (training seconds, the run's
+    start-up seconds, basis). A measured monolithic run, scaled linearly to the rows
+    held now, is the basis when there is one; otherwise the shards' recorded training
+    rate applied to the whole data's work (small shards train at another rate, so
+    this can be far off)."""
+    cfg = gen.config
+    rows = gen.training_rows
+    m = gen.monolithic
+    if m is not None:
+        overhead = m.overhead_seconds if m.overhead_seconds is not None else run_overhead(gen)
+        basis = (
+            BASIS_MEASURED
+            if m.rows == rows
+            else f"{BASIS_MEASURED} on {m.rows:,} rows, scaled to {rows:,}"
+        )
+        return m.train_seconds * rows / m.rows, overhead, basis
+    eps = cfg.trainer.epochs_per_slice(cfg.slices)
+    work = 0.0
+    seconds = 0.0
+    for shard in gen.shards:
+        work += slice_work([s.data.rows for s in shard.slices], eps, 0)
+        seconds += shard.train_seconds
+    rate = seconds / work if work else 0.0
+    return rows * cfg.trainer.epochs * rate, run_overhead(gen), BASIS_EXTRAPOLATED
+
+
+def estimate_cost(gen: Generation, first_slices: dict[int, int]) -> CostEstimate:
+    """Seconds to retrain the affected shards from their first affected slice, against
+    a full retrain (``full_retrain``). Seconds are what a bill charges: training at
+    the shard's recorded rate plus the fixed start-up of a run (measured when the
+    shards were trained), once per shard run and once for the full retrain."""
     cfg = gen.config
     eps = cfg.trainer.epochs_per_slice(cfg.slices)
-    full_rows = sum(s.rows for s in gen.shards)
-    full_work = full_rows * cfg.trainer.epochs
     retrain_work = 0.0
     retrain_seconds = 0.0
-    total_sisa_work = 0.0
-    total_sisa_seconds = 0.0
-    for k, shard in enumerate(gen.shards):
+    for k, first in first_slices.items():
+        shard = gen.shards[k]
         rows = [s.data.rows for s in shard.slices]
         whole = slice_work(rows, eps, 0)
-        total_sisa_work += whole
-        total_sisa_seconds += shard.train_seconds
-        if k in first_slices:
-            part = slice_work(rows, eps, first_slices[k])
-            retrain_work += part
-            retrain_seconds += shard.train_seconds * (part / whole if whole else 0.0)
-    rate = total_sisa_seconds / total_sisa_work if total_sisa_work else 0.0
-    # the least any shard run paid: runs that queued for a free slot paid more
-    overhead = min((s.overhead_seconds for s in gen.shards), default=0.0)
-    return CostEstimate(
-        retrain_work,
-        full_work,
-        retrain_seconds + overhead * len(first_slices),
-        full_work * rate + overhead,
+        part = slice_work(rows, eps, first)
+        retrain_work += part
+        retrain_seconds += shard.train_seconds * (part / whole if whole else 0.0)
+    overhead = run_overhead(gen)
+    full_train, full_overhead, basis = full_retrain(gen)
+    return CostEstimate(  # floats throughout (epochs may be an int): see from_json
+        float(retrain_work),
+        float(gen.training_rows * cfg.trainer.epochs),
+        float(retrain_seconds + overhead * len(first_slices)),
+        float(full_train + full_overhead),
+        basis,
+        float(overhead),
     )
 
 
-def expected_shards_touched(shards: int, requests: int) -> float:
-    """SISA paper: K requests touch S*(1-(1-1/S)^K) shards on average."""
-    return shards * (1.0 - (1.0 - 1.0 / shards) ** requests)
-
-
-def ideal_speedup(shards: int, slices: int) -> float:
-    """SISA paper: one request costs (2R+1)/(3R) of one shard's training."""
-    return shards * 3.0 * slices / (2.0 * slices + 1.0)
+def one_request_estimate(gen: Generation) -> CostEstimate | None:
+    """The expected cost of erasing one person: they sit in one shard and one slice,
+    each in proportion to its rows. None until the shards' training times are known."""
+    total = gen.training_rows
+    if total == 0 or not any(s.train_seconds > 0 for s in gen.shards):
+        return None
+    out = estimate_cost(gen, {})  # the full retrain's side
+    eps = gen.config.trainer.epochs_per_slice(gen.config.slices)
+    for shard in gen.shards:
+        rows = [s.data.rows for s in shard.slices]
+        whole = slice_work(rows, eps, 0)
+        for r, n in enumerate(rows):
+            if n and whole:
+                part = slice_work(rows, eps, r)
+                out.retrain_work += part * n / total
+                out.retrain_seconds += shard.train_seconds * part / whole * n / total
+    out.retrain_seconds += out.run_overhead_seconds  # one shard run, whoever it is
+    return out
 
 
 def parse_id_lines(text: str, source: str) -> list[str]:
