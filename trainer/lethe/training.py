@@ -1,6 +1,7 @@
-"""SISA training on Ray Train: one TorchTrainer run per shard, shards concurrently.
+"""SISA training on Ray Train, shards concurrently: on the warm lanes of the cluster's
+retrain service (``lethe.warm``), or one cold TorchTrainer run per shard.
 
-A run trains slices first..R-1 of one shard, starting from the checkpoint after
+A shard task trains slices first..R-1 of one shard, starting from the checkpoint after
 slice first-1 (or from scratch), and stores a checkpoint after every slice under
 its lineage hash, with a small JSON record of the data it was trained on beside
 it. Workers read and write S3 themselves; Ray only carries metrics back.
