@@ -182,6 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="Unverified HTTPS request")
 
     state = Path(tempfile.mkdtemp(prefix="lethe-bench-operator-"))
+    try:
+        return measure(args, state)
+    finally:  # whatever failed, nothing it started is left running
+        kubestack.stop(state / "kube")
+        localstack.down(state / "stack")
+
+
+def measure(args: argparse.Namespace, state: Path) -> int:
     t_setup = time.time()
     stack = localstack.up(state / "stack", bucket="lethe-bench", num_cpus=2)
     stack.apply()
@@ -278,8 +286,6 @@ def main(argv: list[str] | None = None) -> int:
     md = render(result)
     (RESULTS / "operator-latest.md").write_text(md)
     print(md)
-    kubestack.stop(state / "kube")
-    localstack.down(state / "stack")
     return 0
 
 
