@@ -203,8 +203,10 @@ def test_ids_stay_out_of_annotations_and_a_changed_secret_fails_only_its_request
 
     # one Event per phase transition, Warnings with the failures' reasons
     reasons = [e["reason"] for e in events_of(kube, "privacy-many")]
-    for transition in ("Quarantined", "DataErased", "Retraining", "Succeeded"):
+    for transition in ("Quarantined", "DataErased", "Succeeded"):
         assert reasons.count(transition) == 1, reasons
+    # a retrain that ends during the data purge beside it goes straight to Succeeded
+    assert reasons.count("Retraining") <= 1, reasons
     assert "Logging" not in reasons
     for request, reason in (
         ("privacy-secret-gone", "SecretNotFound"),

@@ -30,7 +30,7 @@ from lethe.core.sizing import (
 from lethe.layout import ModelLayout
 from lethe.store import S3Settings, Store
 
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # a key or a reason stays on one line
 # a command's result, for people; piped, lines stay whole and tables get room
 results = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
 
