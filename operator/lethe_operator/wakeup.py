@@ -5,9 +5,9 @@ which sleeps until it is woken or ``FALLBACK_SECONDS`` pass (the fallback catche
 nothing reports: a deadline coming due, a Secret edited). It is woken by:
 
 - an ErasureRequest created, resumed or deleted in its namespace (kopf's watch);
-- the end of a Ray job it submitted: for the Jobs API, the job's log stream
-  (``/api/jobs/<id>/logs/tail``, a websocket that Ray closes when the job ends); for
-  KubeRay, kopf's watch of the RayJob.
+- the end of a Ray job it submitted through the Jobs API: the job's log stream
+  (``/api/jobs/<id>/logs/tail``, a websocket that Ray closes when the job ends).
+  KubeRay RayJobs are not watched yet: the fallback notices their end.
 
 Handlers run in threads and the daemons in kopf's event loop; ``wake`` may be called
 from either.
