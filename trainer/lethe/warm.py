@@ -60,7 +60,9 @@ DEFAULT_TTL_SECONDS = 600.0
 ENABLE_ENV = "LETHE_WARM"  # "0": every retrain is a cold Ray Train run
 WAIT_SECONDS = 30.0  # one long-poll of a driver waiting for its tasks
 
-LaneKey = tuple[int, float, float]  # workers, CPUs per worker, GPUs per worker
+# workers, CPUs per worker, GPUs per worker, and whose code the lane may run ("" for
+# the built-in models; a user model's import path and model name otherwise)
+LaneKey = tuple[int, float, float, str]
 
 
 class ServiceUnavailable(RuntimeError):
@@ -80,8 +82,11 @@ def ttl_seconds() -> float:
 
 
 def lane_key(cfg: ModelConfig) -> LaneKey:
+    """A lane runs tasks of one shape; a user model's code (``package.module:build``)
+    stays imported in the lane's workers, so its lanes serve that model alone."""
     tc = cfg.trainer
-    return (tc.workers_per_shard, float(tc.cpus_per_worker), float(tc.gpus_per_worker))
+    scope = f"{cfg.name}|{tc.model}" if ":" in tc.model else ""
+    return (tc.workers_per_shard, float(tc.cpus_per_worker), float(tc.gpus_per_worker), scope)
 
 
 # -- the service (a Ray actor) ---------------------------------------------------------
@@ -254,7 +259,7 @@ class RetrainService:
 
     def _retire_idle_other_lanes(self, key: LaneKey) -> None:
         """Idle lanes of another shape give their resources to a lane that needs them."""
-        workers, cpus, gpus = key
+        workers, cpus, gpus, _ = key
         need_cpu, need_gpu = workers * cpus, workers * gpus
         import ray
 
@@ -272,7 +277,7 @@ class RetrainService:
         from lethe.raytrain import LetheTorchTrainer
         from lethe.training import scaling_config
 
-        workers, cpus, gpus = lane.key
+        workers, cpus, gpus, _ = lane.key
         cfg = ModelConfig.from_json(_shape_only(workers, cpus, gpus))
         error = "the lane's Ray Train run ended"
         try:
@@ -316,7 +321,7 @@ class RetrainService:
 
 
 def _key(key: Any) -> LaneKey:
-    return (int(key[0]), float(key[1]), float(key[2]))
+    return (int(key[0]), float(key[1]), float(key[2]), str(key[3]))
 
 
 def _shape_only(workers: int, cpus: float, gpus: float) -> dict[str, Any]:
@@ -330,7 +335,7 @@ def _lanes_fitting(key: LaneKey) -> int:
     a lane that does not fit yet waits for resources like a cold run)."""
     import ray
 
-    workers, cpus, gpus = key
+    workers, cpus, gpus, _ = key
     total = ray.cluster_resources()
     fit = math.floor(total.get("CPU", 0.0) / (workers * cpus)) if cpus else 64
     if gpus:
