@@ -298,3 +298,18 @@ def test_source_policy_is_checked_naming_the_field() -> None:
     with pytest.raises(ConfigError, match="source_policy.*s3://"):  # a local file: unreachable
         replace(base, source_policy="patch", source_uri="/data/x.parquet").validate()
     replace(base, source_policy="patch", source_uri="s3://b/k.parquet").validate()
+
+
+def test_a_user_models_code_gets_warm_lanes_of_its_own() -> None:
+    """A lane's workers keep a user model's module imported between tasks: its lanes
+    must not run another model's tasks (built-in models share lanes by shape)."""
+    from lethe.warm import lane_key
+
+    def cfg(name: str, model: str) -> ModelConfig:
+        return ModelConfig(name, 2, 2, trainer=TrainerConfig(model=model))
+
+    builtin_a, builtin_b = lane_key(cfg("ns.a", "mlp")), lane_key(cfg("ns.b", "mlp"))
+    user_a, user_b = lane_key(cfg("ns.a", "pkg.mod:build")), lane_key(cfg("ns.b", "pkg.mod:build"))
+    assert builtin_a == builtin_b and builtin_a[3] == ""
+    assert user_a != user_b and user_a != builtin_a
+    assert user_a[:3] == builtin_a[:3]  # the same Ray Train shape all the same
