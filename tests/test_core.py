@@ -313,3 +313,16 @@ def test_a_user_models_code_gets_warm_lanes_of_its_own() -> None:
     assert builtin_a == builtin_b and builtin_a[3] == ""
     assert user_a != user_b and user_a != builtin_a
     assert user_a[:3] == builtin_a[:3]  # the same Ray Train shape all the same
+
+
+def test_warm_ttl_from_the_environment_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A TTL that is not a number is refused naming the variable; zero or a negative
+    number cannot make lanes end before their first task (at least one second)."""
+    from lethe import warm
+
+    monkeypatch.setenv(warm.TTL_ENV, "ten minutes")
+    with pytest.raises(ValueError, match=warm.TTL_ENV):
+        warm.ttl_seconds()
+    for raw, expected in (("0", 1.0), ("-5", 1.0), ("90", 90.0), ("", warm.DEFAULT_TTL_SECONDS)):
+        monkeypatch.setenv(warm.TTL_ENV, raw)
+        assert warm.ttl_seconds() == expected

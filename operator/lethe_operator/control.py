@@ -384,12 +384,14 @@ def advance_batch(
         def data_erased(job_id: str | None = None) -> None:
             engine.purge_data(plan)
             kill_point("erased")
-            change = {"phase": "DataErased", "batchId": batch}
             for m in batch_members:
+                change: dict[str, Any] = {}
                 if m.target.get("batchId") != batch:
-                    update_target(m, ctx.name, change, events)
+                    change.update(phase="DataErased", batchId=batch)
                 if job_id and m.target.get("rayJobId") != job_id:  # the job that retrains it
-                    update_target(m, ctx.name, {"rayJobId": job_id}, events)
+                    change["rayJobId"] = job_id
+                if change:  # one status write per request
+                    update_target(m, ctx.name, change, events)
 
         if engine.committed(plan):
             data_erased()

@@ -9,6 +9,7 @@ it. Workers read and write S3 themselves; Ray only carries metrics back.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -367,6 +368,12 @@ class RayTrainer:
             tempfile.gettempdir(), "lethe-ray-train"
         )
 
+    @functools.cached_property
+    def store(self) -> Store:
+        """One S3 client for every attempt's reports (a boto3 client takes ~0.1 s to make;
+        it is safe to share between the threads of concurrent runs)."""
+        return Store(self.settings)
+
     def new_attempt(self, cfg: ModelConfig, task: ShardTask) -> ShardTask:
         """The task as one Ray Train attempt: its own id, submitted now, reported at once
         (a certificate then accounts for it even if it is killed before a slice ends)."""
@@ -380,7 +387,7 @@ class RayTrainer:
             }
         )
         task.submitted_at = time.time()
-        _write_report(Store(self.settings), task, cfg, updated_at=task.submitted_at, finished=False)
+        _write_report(self.store, task, cfg, updated_at=task.submitted_at, finished=False)
         return task
 
     def finished_run(
@@ -403,7 +410,7 @@ class RayTrainer:
             finished=True,
         )
         if task.report_prefix:
-            Store(self.settings).put_json(f"{task.report_prefix}{task.attempt}.json", run.to_json())
+            self.store.put_json(f"{task.report_prefix}{task.attempt}.json", run.to_json())
         return run
 
     def _fit(self, cfg: ModelConfig, task: ShardTask) -> ShardRun:

@@ -278,7 +278,11 @@ class RetrainService:
         from lethe.training import scaling_config
 
         workers, cpus, gpus, _ = lane.key
-        cfg = ModelConfig.from_json(_shape_only(workers, cpus, gpus))
+        # a model config that carries only the lane's Ray Train shape
+        trainer = TrainerConfig(
+            workers_per_shard=workers, cpus_per_worker=cpus, gpus_per_worker=gpus
+        )
+        cfg = ModelConfig("lane", 1, 1, trainer=trainer)
         error = "the lane's Ray Train run ended"
         try:
             LetheTorchTrainer(
@@ -322,12 +326,6 @@ class RetrainService:
 
 def _key(key: Any) -> LaneKey:
     return (int(key[0]), float(key[1]), float(key[2]), str(key[3]))
-
-
-def _shape_only(workers: int, cpus: float, gpus: float) -> dict[str, Any]:
-    """A model config that carries only a lane's Ray Train shape."""
-    trainer = TrainerConfig(workers_per_shard=workers, cpus_per_worker=cpus, gpus_per_worker=gpus)
-    return ModelConfig("lane", 1, 1, trainer=trainer).to_json()
 
 
 def _lanes_fitting(key: LaneKey) -> int:
