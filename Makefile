@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: venv kube-apiserver helm prometheus kuberay-crds test demo bench bench-operator lint clean
+.PHONY: venv kube-apiserver helm prometheus kuberay-crds test test-unit demo bench bench-operator lint clean
 
 venv: $(STAMP)
 
@@ -37,6 +37,11 @@ kuberay-crds:
 test: venv kube-apiserver helm prometheus kuberay-crds
 	$(BIN)/ruff check trainer operator tests bench tools
 	$(BIN)/python -m pytest -q tests
+
+# the tests that need no server (tests/unit: no SeaweedFS, Ray or kube-apiserver), in seconds;
+# `make test` runs them too
+test-unit: venv
+	$(BIN)/python -m pytest -q tests/unit
 
 demo: venv kube-apiserver
 	$(BIN)/lethe demo

@@ -31,6 +31,16 @@ Definitions (per row):
 - the certificate's own ``accounting.speedup`` (its full retrain: the monolithic run
   recorded with ``lethe.calibration.record_from_model``, scaled to the model's rows,
   plus that run's start-up) is printed beside the benchmark's speed-up.
+- *contention* (per row, for the erasure and for the full retrain alike): *training
+  wall/CPU*, the training loops' wall seconds over their threads' CPU seconds (1.0: they
+  never waited for a core); the CPU seconds that the benchmark's other processes (its
+  driver, Ray, SeaweedFS) and every other process on the machine used meanwhile
+  (``CpuMeter``, from /proc every 0.5 s, about 0.5% of a core); and, per unit of
+  training work, the shards' training wall and CPU seconds against the monolithic run's.
+  The monolithic model trains on one core (its config: one worker, one CPU; on two
+  threads or two workers it trains slower here), so the second core is free for the
+  rest; the shards of a batch train on every lane side by side and share the cores
+  with everything else.
 
 Results go to bench/results/latest.json and a Markdown report to latest.md.
 """
@@ -38,6 +48,7 @@ Results go to bench/results/latest.json and a Markdown report to latest.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -72,15 +83,139 @@ RESULTS = Path(__file__).parent / "results"
 
 class CountingTrainer(RayTrainer):
     """A RayTrainer that counts its ``train`` calls: the engine calls ``train`` once per
-    retrain round, so the count during an erasure is its number of retrain submissions."""
+    retrain round, so the count during an erasure is its number of retrain submissions.
+    It also keeps each attempt's in-worker metrics (``train_cpu_seconds`` among them)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.submissions = 0
+        self.metrics: dict[str, dict[str, Any]] = {}  # attempt -> the worker's metrics
 
     def train(self, cfg: ModelConfig, tasks: list[Any]) -> list[Any]:
         self.submissions += 1
         return super().train(cfg, tasks)
+
+    def finished_run(
+        self, cfg: ModelConfig, task: Any, metrics: dict[str, Any], wall: float
+    ) -> Any:
+        self.metrics[task.attempt] = dict(metrics)
+        return super().finished_run(cfg, task, metrics, wall)
+
+    def train_cpu(self, attempts: list[str]) -> float | None:
+        """CPU seconds of the training threads of these attempts (None: not known)."""
+        ms = [self.metrics.get(a, {}) for a in attempts]
+        if not ms or any("train_cpu_seconds" not in m for m in ms):
+            return None
+        return sum(float(m["train_cpu_seconds"]) for m in ms)
+
+    def starvation(self, attempts: list[str]) -> float | None:
+        """In-worker training wall seconds over the training thread's CPU seconds for
+        these attempts: 1.0 when the training never waited for a CPU, 1.5 when a third of
+        its wall time went to other processes."""
+        cpu = self.train_cpu(attempts)
+        wall = sum(float(self.metrics.get(a, {}).get("train_seconds", 0.0)) for a in attempts)
+        return wall / cpu if cpu else None
+
+
+class CpuMeter:
+    """CPU seconds that processes used while it ran (a context manager), from /proc: this
+    benchmark's Ray Train workers (the training), the rest of this benchmark (its driver,
+    Ray's own processes, SeaweedFS: all descendants of this process), and every other
+    process on the machine (another user's work competes for the same cores). Samples
+    every ``interval`` seconds; a process that starts and ends between two samples is
+    missed. Linux only (elsewhere every figure is None)."""
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.interval = interval
+        self.seconds = {"training": 0.0, "benchmark": 0.0, "others": 0.0}
+        self.names: dict[str, dict[str, float]] = {}  # group -> process name -> CPU seconds
+        self.wall = 0.0
+        self.ok = Path("/proc/self/stat").exists()
+        self._hz = os.sysconf("SC_CLK_TCK") if self.ok else 100
+        self._stop = None
+
+    @staticmethod
+    def _read() -> dict[int, tuple[str, int, int, int]]:
+        """pid -> (name, CPU ticks, parent pid, start time) of every process now."""
+        out = {}
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                raw = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            name, rest = raw[raw.index("(") + 1 : raw.rindex(")")], raw[raw.rindex(")") + 2 :]
+            f = rest.split()
+            out[int(d)] = (name, int(f[11]) + int(f[12]), int(f[1]), int(f[19]))
+        return out
+
+    def _sample(self, last: dict[int, tuple[str, int, int, int]]) -> dict[int, Any]:
+        now = self._read()
+        me, ours = os.getpid(), {os.getpid()}
+        for pid in now:  # descendants of this process
+            chain, p = [], pid
+            while p > 1 and p not in ours and len(chain) < 64:
+                chain.append(p)
+                p = now.get(p, ("", 0, 0, 0))[2]
+            if p in ours or p == me:
+                ours.update(chain)
+        for pid, (name, ticks, _, start) in now.items():
+            prev = last.get(pid)
+            # a process seen first now started after the last sample: all its ticks count
+            used = (ticks - prev[1] if prev and prev[3] == start else ticks) / self._hz
+            if used <= 0:
+                continue
+            if pid in ours:
+                group = "training" if name.startswith("ray::RayTrainWo") else "benchmark"
+            else:
+                group = "others"
+            by_name = self.names.setdefault(group, {})
+            by_name[name] = by_name.get(name, 0.0) + used
+            self.seconds[group] += used
+        return now
+
+    def __enter__(self) -> CpuMeter:
+        import threading
+
+        self._t0 = time.perf_counter()
+        if not self.ok:
+            return self
+        self._stop = threading.Event()
+        first = self._read()
+
+        def run() -> None:
+            last = first
+            while not self._stop.wait(self.interval):
+                last = self._sample(last)
+            self._sample(last)
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.wall = time.perf_counter() - self._t0
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join()
+
+    def summary(self) -> dict[str, Any]:
+        if not self.ok:
+            return {}
+
+        def top(group: str, n: int) -> list[str]:
+            names = sorted(self.names.get(group, {}).items(), key=lambda kv: -kv[1])
+            return [f"{name} {v:.1f} s" for name, v in names[:n]]
+
+        return {
+            "wall_seconds": self.wall,
+            "cpu_seconds_training": self.seconds["training"],
+            "cpu_seconds_benchmark_other": self.seconds["benchmark"],
+            "cpu_seconds_other_processes": self.seconds["others"],
+            "benchmark_other_top": top("benchmark", 6),
+            "other_processes_top": top("others", 3),
+        }
 
 
 def purchase_like(
@@ -186,9 +321,10 @@ def erase(
     base_rss = reset_peak_rss()
     before = trainer.submissions
     t0 = time.perf_counter()
-    result = engine.erase(
-        [ErasureRequest(request_uid(layout.prefix, [s], []), (s,)) for s in subjects]
-    )
+    with CpuMeter() as meter:
+        result = engine.erase(
+            [ErasureRequest(request_uid(layout.prefix, [s], []), (s,)) for s in subjects]
+        )
     wall = time.perf_counter() - t0
     runs = result["shard_runs"]
     tm = result["timings"]
@@ -225,6 +361,13 @@ def erase(
         "worker_peak_rss_mb": max((r["peak_rss_bytes"] for r in runs), default=0) / 2**20,
         "cpu_seconds": result["cost"]["cpu_seconds"],
         "usd": result["cost"]["usd"],
+        # contention: how much longer the shards' training took than its CPU time, and
+        # who else used the cores meanwhile (the erasure's window to its certificate)
+        "starvation": trainer.starvation([r["attempt"] for r in runs if r["slices_trained"]]),
+        "training_cpu_seconds_total": trainer.train_cpu(
+            [r["attempt"] for r in runs if r["slices_trained"]]
+        ),
+        "cpu_meter": meter.summary(),
     }
 
 
@@ -246,10 +389,11 @@ def mean_of(ms: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def train_timed(
-    store: Store, layout: ModelLayout, trainer: RayTrainer
+    store: Store, layout: ModelLayout, trainer: RayTrainer, meter: CpuMeter | None = None
 ) -> tuple[float, Any, list[Any]]:
     t0 = time.perf_counter()
-    gen, runs = train_model(store, layout, trainer, evaluate=False)
+    with meter or contextlib.nullcontext():
+        gen, runs = train_model(store, layout, trainer, evaluate=False)
     return time.perf_counter() - t0, gen, runs
 
 
@@ -284,7 +428,8 @@ def run_case(
     sisa_seconds, sisa_gen, _ = train_timed(store, sisa, trainer)
     if case.cold:
         train_timed(store, twin, trainer)
-    full_seconds, full_gen, full_runs = train_timed(store, full, trainer)
+    full_meter = CpuMeter()
+    full_seconds, full_gen, full_runs = train_timed(store, full, trainer, full_meter)
     full_accuracy = trainer.evaluate(store, full_gen)
     sisa_accuracy = trainer.evaluate(store, sisa_gen)
     full_run = full_runs[0]
@@ -310,6 +455,9 @@ def run_case(
         "full_retrain_run_wall_seconds": full_run.wall_seconds,
         "full_retrain_training_seconds": full_run.train_seconds,
         "full_retrain_rows": full_gen.training_rows,
+        "full_retrain_starvation": trainer.starvation([r.attempt for r in full_runs]),
+        "full_retrain_training_cpu_seconds": trainer.train_cpu([r.attempt for r in full_runs]),
+        "full_retrain_cpu_meter": full_meter.summary(),
         "ensemble_accuracy_before": sisa_accuracy,
         "monolithic_accuracy": full_accuracy,
         "lanes": lanes,
@@ -347,6 +495,20 @@ def run_case(
         r["people"] = people
         r["first_slices"] = [w[1] for w in works]
         r["ideal_for_these_people"] = len(works) / sum(w[0] for w in works)
+        # Per unit of training work, the shards' runs against the monolithic run: wall
+        # seconds, and the training threads' CPU seconds (above 1: the same steps cost
+        # more CPU, e.g. two trainings side by side on the cores they share).
+        share = sum(w[0] for w in works)
+        full_cpu = common["full_retrain_training_cpu_seconds"]
+        cpu = m.get("training_cpu_seconds_total")
+        r["wall_per_work_vs_full"] = (
+            m["training_seconds_total"] * len(ms) / (share * full_run.train_seconds)
+        )
+        r["cpu_per_work_vs_full"] = (
+            cpu * len(ms) / (share * full_cpu)
+            if isinstance(cpu, int | float) and full_cpu
+            else None
+        )
         print(f"[{case.name}] row {label} ({path}, K={k}): " + brief(r), flush=True)
         return r
 
@@ -575,6 +737,39 @@ def acc(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
+def contention_note(r: dict[str, Any]) -> str:
+    """Who competed for the cores while the erasure and the full retrain ran."""
+
+    def one(starved: Any, meter: Any) -> str:
+        if isinstance(meter, list):  # one per erasure: the first stands for them
+            meter = meter[0]
+        parts = []
+        if isinstance(starved, int | float):
+            parts.append(f"training wall/CPU {starved:.2f}")
+        if isinstance(meter, dict) and meter:
+            w = meter["wall_seconds"] or 1.0
+            parts.append(
+                f"CPU of the benchmark's other processes {meter['cpu_seconds_benchmark_other']:.1f}"
+                f" s ({meter['cpu_seconds_benchmark_other'] / w:.2f} cores), of other users' "
+                f"{meter['cpu_seconds_other_processes']:.1f} s "
+                f"({meter['cpu_seconds_other_processes'] / w:.2f} cores)"
+            )
+        return ", ".join(parts)
+
+    erasure = one(r.get("starvation"), r.get("cpu_meter"))
+    full = one(r.get("full_retrain_starvation"), r.get("full_retrain_cpu_meter"))
+    if not (erasure or full):
+        return ""
+    out = f"contention: erasure {erasure or '-'}; full retrain {full or '-'}."
+    wall, cpu = r.get("wall_per_work_vs_full"), r.get("cpu_per_work_vs_full")
+    if isinstance(wall, int | float) and isinstance(cpu, int | float):
+        out += (
+            f" Per unit of training work the shards took {wall:.2f}x the monolithic run's"
+            f" training wall seconds ({cpu:.2f}x its CPU seconds)."
+        )
+    return out
+
+
 def markdown(out: dict[str, Any]) -> str:
     rows = sorted(out["rows"], key=lambda r: r.get("row") or "9")
     lines = [
@@ -651,6 +846,9 @@ def markdown(out: dict[str, Any]) -> str:
             basis = f"{basis[0]} (and alike for the other {len(basis) - 1})"
         if basis:
             notes.append(f"- Row {r['row']}: the certificate's full retrain basis: {basis}.")
+        note = contention_note(r)
+        if note:
+            notes.append(f"- Row {r['row']}: {note}")
         load = r.get("load_average")
         if load:
             notes.append(

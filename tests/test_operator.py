@@ -98,14 +98,19 @@ def test_requests_are_batched_erased_and_certified(
         assert verify(store, cert).ok
         assert not any(s in json.dumps(st) for s in subjects)  # no subject id in status
     (batch,) = batches
-    jobs = RayJobs(stack.ray_dashboard, {}).submissions(f"lethe-{batch}")
+    ray_jobs = RayJobs(stack.ray_dashboard, {})
+    jobs = ray_jobs.submissions(f"lethe-{batch}")
     assert len(jobs) == 1
+    # the cluster's retrain agent ran it (no Ray job driver per batch)
+    assert ray_jobs.status(jobs[0]).via == "agent"
+    uid = get(kube, "shardedmodel", MODEL)["metadata"]["uid"]
+    train_job = f"lethe-train-{uid}-0"
     # No S3 key in any Ray job's, actor's or task's metadata (state API, Jobs REST API):
-    # the batch's job got where the data is, its workers the keys from the head's env.
+    # the train job got where the data is, its workers the keys from the head's env.
     meta = assert_no_s3_keys_in_ray(stack)
-    (job,) = [j for j in meta["jobs"] if j.get("submission_id") == jobs[0]]
+    (job,) = [j for j in meta["jobs"] if j.get("submission_id") == train_job]
     assert job["runtime_env"]["env_vars"]["LETHE_S3_ENDPOINT"] == stack.s3_endpoint
-    (rest,) = [j for j in meta["rest_jobs"] if j.get("submission_id") == jobs[0]]
+    (rest,) = [j for j in meta["rest_jobs"] if j.get("submission_id") == train_job]
     assert rest["runtime_env"]["env_vars"]["LETHE_BUCKET"] == store.bucket
     # the retrain's own actors (the warm retrain service, its lanes' Ray Train workers
     # and controllers) were read back too
@@ -114,10 +119,7 @@ def test_requests_are_batched_erased_and_certified(
     assert {a["class_name"] for a in mine} >= {"RetrainService", "RayTrainWorker"}
     assert any("LETHE_S3_ENDPOINT" in (a["serialized_runtime_env"] or "") for a in mine)
     # the model was trained once; the batch's retrain is the only training since
-    uid = get(kube, "shardedmodel", MODEL)["metadata"]["uid"]
-    assert RayJobs(stack.ray_dashboard, {}).submissions(f"lethe-train-{uid}") == [
-        f"lethe-train-{uid}-0"
-    ]
+    assert ray_jobs.submissions(f"lethe-train-{uid}") == [train_job]
     model = get(kube, "shardedmodel", MODEL)["status"]
     assert model["quarantinedShards"] == [] and "activeBatch" not in model
     text = operator.metrics()

@@ -56,9 +56,13 @@ def main(argv: list[str] | None = None) -> int:
         "--metrics-port", type=int, default=int(os.environ.get("LETHE_METRICS_PORT", "9090"))
     )
     p.add_argument("--metrics-host", default=os.environ.get("LETHE_METRICS_HOST", "127.0.0.1"))
+    p.add_argument(
+        "--verbose", action="store_true", help="kopf's debug log (timings of every handler)"
+    )
     args = p.parse_args(argv)
     staging = prepare_staging()
 
+    import logging
     import warnings
 
     import kopf
@@ -66,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # kopf's formatter prefixes each message about an object with [namespace/name]
     kopf.configure(log_format="%(asctime)s %(levelname)s %(name)s %(message)s", log_prefix=True)
+    if args.verbose:  # kopf's and the operator's own debug lines, not every library's
+        for name in ("kopf", "lethe.operator"):
+            logging.getLogger(name).setLevel(logging.DEBUG)
     # the local stack's self-signed API server certificate (insecure-skip-tls-verify)
     warnings.filterwarnings("ignore", message="Unverified HTTPS request")
 

@@ -34,6 +34,7 @@ from kubernetes.client.rest import ApiException
 from lethe.certs import Keys, KeysError
 from lethe.core.config import Columns, ModelConfig, Prices, TrainerConfig
 from lethe.erasure import Engine
+from lethe.errors import UserError
 from lethe.ingest import decode_dataset
 from lethe.layout import ModelLayout
 from lethe.store import S3Settings, Store
@@ -104,7 +105,7 @@ def set_condition(
     return [*out, cond]
 
 
-class SecretUnreadable(Exception):
+class SecretUnreadable(UserError):
     """A Secret a spec names is not there (``kind`` "NotFound") or the operator may not
     read it ("Forbidden"); each caller turns it into its own reason (``<prefix><kind>``)."""
 
@@ -154,7 +155,7 @@ def patch_model_status(namespace: str, name: str, status: dict[str, Any]) -> Non
     )
 
 
-class ModelRefused(Exception):
+class ModelRefused(UserError):
     """The model asks for something its namespace or the operator's admin did not grant
     (S3 credentials, a Ray address); ``reason`` is a condition reason. Raised before any
     request goes to the model's S3 endpoint or Ray; the message names no secret value."""
@@ -257,7 +258,7 @@ def model_credentials(namespace: str, model: str, storage: dict[str, Any]) -> tu
     return data[S3_KEYS[0]].decode(), data[S3_KEYS[1]].decode()
 
 
-class KeysUnavailable(Exception):
+class KeysUnavailable(UserError):
     """The model's signing keys cannot be loaded; ``reason`` is a condition reason."""
 
     def __init__(self, reason: str, message: str) -> None:

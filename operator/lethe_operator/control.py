@@ -22,17 +22,27 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from typing import Any
 
 from lethe.checkpoints import pending_slices
 from lethe.core.config import ConfigError
 from lethe.core.manifest import Generation
-from lethe.core.plan import ErasureRequest
-from lethe.erasure import batch_id, release_holds
+from lethe.core.plan import ErasurePlan, ErasureRequest
+from lethe.erasure import Engine, batch_id, release_holds
 from lethe.generations import ModelNotFound, read_live
 from lethe.ingest import IngestError, LayoutOwned, check_owner, ingest_table
 from lethe.store import NotFound, PreconditionFailed
 from lethe_operator import metrics, wakeup
+from lethe_operator.batches import (
+    ActiveBatch,
+    Facts,
+    RequestPhase,
+    Step,
+    due_for_retry,
+    failed_batches,
+    next_step,
+)
 from lethe_operator.context import (
     GROUP,
     KILL_ENV,
@@ -75,7 +85,6 @@ __all__ = [
 
 ADOPT_ANNOTATION = "lethe.dev/adopt-layout"
 LAYOUT_OWNED = "LayoutOwnedByAnotherModel"
-RETRY_BACKOFF_SECONDS = 5.0  # before a failed Ray job's next attempt; doubles each time
 _claimed: set[tuple[str, str, str]] = set()  # legacy layouts claimed by this process
 
 
@@ -127,10 +136,13 @@ def reconcile_model(body: dict[str, Any], events: Events) -> dict[str, Any]:
     untrained = set(pending_slices(live)) - set(live.quarantined_shards)
     if untrained and not status.get("activeBatch"):
         attempt = int(status.get("trainAttempt", 0))
-        job = ctx.ray(owners=[body]).ensure(
+        launcher = ctx.ray(owners=[body])
+        job = launcher.ensure(
             f"lethe-train-{ctx.uid}-{attempt}",
             ["train", "--model-prefix", ctx.layout.prefix],
         )
+        if not job.done and isinstance(launcher, RayJobs):
+            wakeup.watch_job(launcher, job, ctx.namespace, ctx.name)
         if job.status in ("FAILED", "STOPPED"):
             if attempt < int(ctx.spec["ray"].get("maxRetries", 3)):
                 status["trainAttempt"] = attempt + 1
@@ -250,19 +262,13 @@ def run_batches(
     members = members_of(requests, ctx.name)
     if status.get("activeBatch"):
         return advance_batch(ctx, body, status, members, events)
-    retry = _due_failed_batch(status, int(policy.get("retryFailedAfterSeconds", 600)))
+    failed = failed_batches(status)
+    retry = due_for_retry(failed, int(policy.get("retryFailedAfterSeconds", 600)), time.time())
     if retry is not None:
-        status["failedBatches"] = [
-            b for b in status.get("failedBatches", []) if b["id"] != retry["id"]
-        ]
-        attempt = int(retry.get("attempt", 0)) + 1
-        status["activeBatch"] = {
-            **{k: retry[k] for k in ("id", "requests", "requestedAt") if k in retry},
-            "attempt": attempt,
-            "firstAttempt": attempt,
-            "started": time.time(),
-        }
-        events.info("BatchRetry", f"retraining a failed batch again (attempt {attempt + 1})")
+        status["failedBatches"] = [b.to_status() for b in failed if b.id != retry.id]
+        active = retry.retry(time.time())
+        status["activeBatch"] = active.to_status()
+        events.info("BatchRetry", f"retraining a failed batch again (attempt {active.attempt + 1})")
         return status
     waiting = [
         m
@@ -284,14 +290,12 @@ def run_batches(
         return status
     # Name the batch in status first: a restart continues exactly this batch, and
     # nothing ever computes its id again.
-    status["activeBatch"] = {
-        "id": batch_id(ctx.model_id, [r for _, r in readable]),
-        "attempt": 0,
-        "firstAttempt": 0,
-        "requests": [m.name for m, _ in readable],
-        "requestedAt": min(m.created for m, _ in readable),
-        "started": time.time(),
-    }
+    status["activeBatch"] = ActiveBatch(
+        id=batch_id(ctx.model_id, [r for _, r in readable]),
+        requests=tuple(m.name for m, _ in readable),
+        requested_at=min(m.created for m, _ in readable),
+        started=time.time(),
+    ).to_status()
     events.info("BatchFormed", f"{len(readable)} request(s) in one batch")
     return status
 
@@ -355,125 +359,169 @@ def advance_batch(
     members: list[Member],
     events: Events,
 ) -> dict[str, Any]:
-    active = dict(status["activeBatch"])
-    batch = active["id"]
+    """Take the active batch as far as it goes now: ``batches.next_step`` decides each
+    step from the facts (S3, Ray), this function performs it and gathers the facts
+    again, until the batch waits (its retrain runs, a retry backs off) or closes."""
+    batch = ActiveBatch.from_status(status["activeBatch"])
     engine = ctx.engine()
     kill_point("batched")
-    result = engine.result_of_batch(batch)
-    if result is None:
-        if engine.plan_exists(batch):
-            reqs: list[ErasureRequest] = []  # the plan says who is in the batch
-        else:
-            named = [m for m in members if m.name in active.get("requests", [])]
-            reqs = [r for _, r in readable_requests(ctx, named, events)]
-            if not reqs:
-                events.warning(
-                    "BatchDropped",
-                    "every request of the batch was deleted or unreadable before it was "
-                    "planned: nothing to erase",
-                )
+    result = engine.result_of_batch(batch.id)
+    facts = Facts(certified=result is not None)
+    max_retries = int(ctx.spec["ray"].get("maxRetries", 3))
+    plan = None
+    batch_members: list[Member] = []
+    job_message = ""
+    while (step := next_step(batch, facts, time.time(), max_retries)) is not Step.REPORT:
+        if plan is None:
+            plan = _plan(ctx, engine, batch, members, events)
+            if plan is None:  # every request gone before it was planned
                 status.pop("activeBatch", None)
                 return status
-        requested_at = float(active.get("requestedAt") or active.get("started") or time.time())
-        # the data purge waits until the retrain job is on its way: they run side by side
-        plan = engine.prepare(reqs, requested_at, batch=batch, purge=False)
-        in_plan = {r.uid for r in plan.requests}
-        batch_members = [m for m in members if m.uid in in_plan]
-        release_holds(ctx.store, ctx.layout, {holder(uid) for uid in in_plan})
-
-        def data_erased(job_id: str | None = None) -> None:
-            engine.purge_data(plan)
-            kill_point("erased")
-            for m in batch_members:
-                change: dict[str, Any] = {}
-                if m.target.get("batchId") != batch:
-                    change.update(phase="DataErased", batchId=batch)
-                if job_id and m.target.get("rayJobId") != job_id:  # the job that retrains it
-                    change["rayJobId"] = job_id
-                if change:  # one status write per request
-                    update_target(m, ctx.name, change, events)
-
-        if engine.committed(plan):
-            data_erased()
-        else:
-            if time.time() < float(active.get("retryAt", 0)):  # backing off after a failure
-                data_erased()
-                return status
-            attempt = int(active.get("attempt", 0))
-            job_id = f"lethe-{batch}-{attempt}"
-            owners = [m.body for m in batch_members] or [body]
-            launcher = ctx.ray(owners=owners)
+            in_plan = {r.uid for r in plan.requests}
+            batch_members = [m for m in members if m.uid in in_plan]
+            release_holds(ctx.store, ctx.layout, {holder(uid) for uid in in_plan})
+            facts = replace(facts, committed=engine.committed(plan))
+            continue  # decide again with what the plan says
+        if step is Step.CERTIFY:
+            _data_erased(ctx, engine, plan, batch.id, batch_members, events)
+            # The retrain commits the shards itself, so "committed" is usually what a
+            # step sees first, before Ray reports the job's end.
+            kill_point("retrained")
+            if metrics.first_time("retrain-duration", ctx.namespace, ctx.name, batch.id):
+                metrics.retrain_duration.labels(ctx.namespace, ctx.name).observe(
+                    time.time() - batch.started
+                )
+            t0 = time.time()
+            result = engine.finish(plan)
+            log.debug("batch %s certified in %.3f s", batch.id, time.time() - t0)
+            kill_point("certified")
+            facts = replace(facts, certified=True)
+        elif step is Step.BACK_OFF:
+            _data_erased(ctx, engine, plan, batch.id, batch_members, events)
+            return status
+        elif step is Step.SUBMIT:
+            launcher = ctx.ray(owners=[m.body for m in batch_members] or [body])
             job = launcher.ensure(
-                job_id, ["retrain", "--model-prefix", ctx.layout.prefix, "--batch", batch]
+                batch.job_id,
+                ["retrain", "--model-prefix", ctx.layout.prefix, "--batch", batch.id],
+            )
+            log.debug(
+                "batch %s: retrain %s %s (%s)", batch.id, job.submission_id, job.status, job.via
             )
             kill_point("submitted")
-            data_erased(job_id)
-            job = launcher.status(job_id) or job  # the purge took a while: look again
+            # the purge runs while the retrain does
+            _data_erased(ctx, engine, plan, batch.id, batch_members, events, job.submission_id)
+            job = launcher.status(batch.job_id) or job  # the purge took a while: look again
             if not job.done and isinstance(launcher, RayJobs):
-                wakeup.watch_ray_job(launcher.address, job_id, ctx.namespace, ctx.name)
-            if job.status in ("FAILED", "STOPPED"):
-                tries = attempt - int(active.get("firstAttempt", 0))
-                if tries < int(ctx.spec["ray"].get("maxRetries", 3)):
-                    active["attempt"] = attempt + 1
-                    active["retryAt"] = time.time() + min(300.0, RETRY_BACKOFF_SECONDS * 2**tries)
-                    events.warning("RetrainRetry", f"Ray job {job_id} failed; retrying")
-                    status["activeBatch"] = active
-                    return status
-                _fail(
-                    ctx,
-                    batch_members,
-                    events,
-                    "RetrainFailed",
-                    f"Ray job {job_id}: {ray_reason(job.message)} (data "
-                    "erased; shards stay quarantined until a later retrain succeeds)",
-                )
-                events.warning("RetrainFailed", f"batch failed after {tries + 1} attempt(s)")
-                status.pop("activeBatch", None)
-                status["failedBatches"] = [
-                    *status.get("failedBatches", []),
-                    {
-                        "id": batch,
-                        "attempt": attempt,
-                        "failedAt": time.time(),
-                        "requests": active.get("requests", []),
-                        "requestedAt": requested_at,
-                    },
-                ]
-                return status
-            if job.status != "SUCCEEDED":
-                for m in batch_members:
-                    t = m.target
-                    if t.get("phase") == "Retraining" and t.get("rayJobId") == job_id:
-                        continue
-                    # (a failed batch, retried, is not failed any more)
-                    update_target(
-                        m,
-                        ctx.name,
-                        {
-                            "phase": "Retraining",
-                            "rayJobId": job_id,
-                            "reason": None,
-                            "message": None,
-                            "finishedAt": None,
-                        },
-                        events,
-                    )
-                status["activeBatch"] = active
-                return status
-        # The Ray job commits the retrained shards itself, so "committed" is usually
-        # what a tick sees first, before the job reports SUCCEEDED.
-        kill_point("retrained")
-        if metrics.first_time("retrain-duration", ctx.namespace, ctx.name, batch):
-            metrics.retrain_duration.labels(ctx.namespace, ctx.name).observe(
-                time.time() - float(active.get("started", time.time()))
+                wakeup.watch_job(launcher, job, ctx.namespace, ctx.name)
+            facts = replace(facts, job=job.status, committed=engine.committed(plan))
+            job_message = job.message
+        elif step is Step.RETRY:
+            events.warning("RetrainRetry", f"retrain {batch.job_id} failed; retrying")
+            status["activeBatch"] = batch.retried(time.time()).to_status()
+            return status
+        elif step is Step.FAIL:
+            _fail(
+                ctx,
+                batch_members,
+                events,
+                "RetrainFailed",
+                f"retrain {batch.job_id}: {ray_reason(job_message)} (data "
+                "erased; shards stay quarantined until a later retrain succeeds)",
             )
-        result = engine.finish(plan)
-        kill_point("certified")
+            events.warning("RetrainFailed", f"batch failed after {batch.tries + 1} attempt(s)")
+            status.pop("activeBatch", None)
+            status["failedBatches"] = [
+                *status.get("failedBatches", []),
+                batch.failed(time.time()).to_status(),
+            ]
+            return status
+        else:  # Step.WAIT: the retrain runs
+            _mark_retraining(ctx, batch, batch_members, events)
+            status["activeBatch"] = batch.to_status()
+            return status
+    assert result is not None
     outcomes = result.get("outcomes") or {}
-    _succeed(ctx, batch, [m for m in members if m.uid in outcomes], result, events)
+    _succeed(ctx, batch.id, [m for m in members if m.uid in outcomes], result, events)
     events.info("BatchSucceeded", f"{len(outcomes)} request(s) erased, retrained, certified")
     status.pop("activeBatch", None)
     return status
+
+
+def _plan(
+    ctx: ModelContext,
+    engine: Engine,
+    batch: ActiveBatch,
+    members: list[Member],
+    events: Events,
+) -> ErasurePlan | None:
+    """The batch's plan: made now from its requests (quarantine, patch; the data purge
+    waits until the retrain is on its way), or read back. None when every request of
+    the batch was deleted or unreadable before it was planned."""
+    if engine.plan_exists(batch.id):
+        reqs: list[ErasureRequest] = []  # the plan says who is in the batch
+    else:
+        named = [m for m in members if m.name in batch.requests]
+        reqs = [r for _, r in readable_requests(ctx, named, events)]
+        if not reqs:
+            events.warning(
+                "BatchDropped",
+                "every request of the batch was deleted or unreadable before it was "
+                "planned: nothing to erase",
+            )
+            return None
+    t0 = time.time()
+    plan = engine.prepare(reqs, batch.requested_at, batch=batch.id, purge=False)
+    log.debug("batch %s planned in %.3f s", batch.id, time.time() - t0)
+    return plan
+
+
+def _data_erased(
+    ctx: ModelContext,
+    engine: Engine,
+    plan: ErasurePlan,
+    batch: str,
+    members: list[Member],
+    events: Events,
+    job_id: str | None = None,
+) -> None:
+    """Purge the batch's rows from every object version, then say so on its requests
+    (and name the run that retrains them): one status write per request."""
+    t0 = time.time()
+    engine.purge_data(plan)
+    log.debug("batch %s data purged in %.3f s", batch, time.time() - t0)
+    kill_point("erased")
+    for m in members:
+        change: dict[str, Any] = {}
+        if m.target.get("batchId") != batch:
+            change.update(phase=RequestPhase.DATA_ERASED, batchId=batch)
+        if job_id and m.target.get("rayJobId") != job_id:
+            change["rayJobId"] = job_id
+        if change:
+            update_target(m, ctx.name, change, events)
+
+
+def _mark_retraining(
+    ctx: ModelContext, batch: ActiveBatch, members: list[Member], events: Events
+) -> None:
+    """The batch's requests are Retraining under this attempt's run (a request of a
+    failed batch that is retried is not failed any more)."""
+    for m in members:
+        t = m.target
+        if t.get("phase") == RequestPhase.RETRAINING and t.get("rayJobId") == batch.job_id:
+            continue
+        update_target(
+            m,
+            ctx.name,
+            {
+                "phase": RequestPhase.RETRAINING,
+                "rayJobId": batch.job_id,
+                "reason": None,
+                "message": None,
+                "finishedAt": None,
+            },
+            events,
+        )
 
 
 def ray_reason(message: str, limit: int = 600) -> str:
@@ -483,18 +531,6 @@ def ray_reason(message: str, limit: int = 600) -> str:
     first, rest = " ".join(first.split())[:150], " ".join(rest.split())
     tail = limit - len(first) - 5
     return first if not rest else f"{first} ... {rest[-tail:]}"
-
-
-def _due_failed_batch(status: dict[str, Any], after_seconds: int) -> dict[str, Any] | None:
-    """The oldest failed batch whose wait for another retry is over (None: none due)."""
-    if after_seconds <= 0:
-        return None
-    due = [
-        b
-        for b in status.get("failedBatches", [])
-        if time.time() - float(b.get("failedAt", 0)) >= after_seconds
-    ]
-    return min(due, key=lambda b: float(b.get("failedAt", 0)), default=None)
 
 
 def _fail(

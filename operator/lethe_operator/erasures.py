@@ -41,9 +41,11 @@ from kubernetes.client.rest import ApiException
 
 from lethe.core.plan import ErasureRequest, parse_id_lines
 from lethe.erasure import hold_shards, release_holds, resolve_shards
+from lethe.errors import TransientError, UserError
 from lethe.generations import ModelNotFound, read_live
 from lethe.ingest import LayoutOwned, check_owner
 from lethe_operator import metrics
+from lethe_operator.batches import RequestPhase
 from lethe_operator.context import (
     GROUP,
     MODELS,
@@ -61,8 +63,8 @@ from lethe_operator.context import (
     set_condition,
 )
 
-PHASES = ("Pending", "Quarantined", "DataErased", "Retraining", "Succeeded")  # in order
-FINISHED = ("Succeeded", "Failed")
+PHASES = RequestPhase.progress()  # in order
+FINISHED = RequestPhase.finished()
 DEFAULT_TTL_SECONDS = 86400
 # repeated at the top level of a request with a single target
 MIRRORED = (
@@ -76,15 +78,15 @@ MIRRORED = (
 )
 
 
-class NotReady(Exception):
+class NotReady(TransientError):
     """A target model cannot take the request yet (kopf retries the handler later)."""
 
 
-class BatchNotPlanned(Exception):
+class BatchNotPlanned(TransientError):
     """The deleted request's batch is named but not planned yet: the deletion waits."""
 
 
-class SubjectsUnreadable(Exception):
+class SubjectsUnreadable(UserError):
     """A request's ids cannot be read (or no longer match what was accepted);
     ``reason`` is the request's failure reason. The message names no id."""
 
@@ -363,7 +365,7 @@ def update_target(
         if events is not None:
             report_phase(events.about(member.body), status, patch["status"], model)
         return
-    raise RuntimeError(f"ErasureRequest {meta['name']}: status kept changing under the update")
+    raise TransientError(f"ErasureRequest {meta['name']}: status kept changing under the update")
 
 
 def report_phase(events: Events, old: dict[str, Any], new: dict[str, Any], model: str) -> None:

@@ -18,13 +18,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Iterable
 from typing import Any
 
 import kopf
 
 from lethe_operator import control, erasures, wakeup
-from lethe_operator.context import GROUP, MODELS, REQUESTS, VERSION, get_model, patch_model_status
+from lethe_operator.context import (
+    GROUP,
+    MODELS,
+    REQUESTS,
+    VERSION,
+    get_model,
+    log,
+    patch_model_status,
+)
 
 WAIT_FOR_PLAN = 2.0  # seconds a deleted request waits before looking for its batch's plan
 ID_FIELDS = ("subjects", "recordIds")  # spec fields that hold subject or record ids
@@ -144,21 +153,25 @@ async def model_loop(
     event = wakeup.register(namespace, name)
     try:
         while not stopped:
+            again = False
             try:
-                await asyncio.to_thread(reconcile_once, namespace, name)
+                again = await asyncio.to_thread(reconcile_once, namespace, name)
             except Exception as e:  # noqa: BLE001 - the next round retries
                 logger.warning("reconcile failed (%s); retrying", type(e).__name__)
-            await wakeup.sleep(event)
+            if not again:
+                await wakeup.sleep(event)
     finally:
         wakeup.unregister(namespace, name)
 
 
-def reconcile_once(namespace: str, name: str) -> None:
+def reconcile_once(namespace: str, name: str) -> bool:
     """One step of the model's state machine on a fresh read of it; its status changes
-    are written with a merge patch (fields gone are set to null)."""
+    are written with a merge patch (fields gone are set to null). True when the next
+    step is due at once: a batch was formed or closed (the next one may be waiting)."""
+    t0 = time.time()
     body = get_model(namespace, name)
     if body is None:
-        return
+        return False
     events = _Events(body)
     old = json.loads(json.dumps(dict(body.get("status") or {})))
     status = control.reconcile_model(dict(body), events)
@@ -167,6 +180,10 @@ def reconcile_once(namespace: str, name: str) -> None:
     patch.update({k: v for k, v in status.items() if old.get(k) != v})
     if patch:
         patch_model_status(namespace, name, patch)
+    batch_before = (old.get("activeBatch") or {}).get("id")
+    batch_after = (status.get("activeBatch") or {}).get("id")
+    log.debug("reconciled in %.3f s (batch %s -> %s)", time.time() - t0, batch_before, batch_after)
+    return batch_before != batch_after
 
 
 @kopf.on.create(GROUP, VERSION, REQUESTS)
@@ -179,6 +196,17 @@ def request_created(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     for key, value in status.items():
         patch.status[key] = value
     wakeup.wake(body["metadata"]["namespace"])
+
+
+@kopf.on.event(GROUP, VERSION, REQUESTS)
+def request_changed(body: kopf.Body, type: str | None, **_: Any) -> None:  # noqa: A002
+    """Wake the namespace's models once a request's quarantine is in its status:
+    ``request_created`` wakes them before kopf has written that status, and a batch is
+    formed from what the status says."""
+    status = body.get("status") or {}
+    if type in ("ADDED", "MODIFIED") and status.get("phase") == "Quarantined":
+        if not status.get("batchId"):
+            wakeup.wake(body["metadata"]["namespace"])
 
 
 @kopf.on.delete(GROUP, VERSION, REQUESTS)

@@ -5,9 +5,10 @@ which sleeps until it is woken or ``FALLBACK_SECONDS`` pass (the fallback catche
 nothing reports: a deadline coming due, a Secret edited). It is woken by:
 
 - an ErasureRequest created, resumed or deleted in its namespace (kopf's watch);
-- the end of a Ray job it submitted through the Jobs API: the job's log stream
-  (``/api/jobs/<id>/logs/tail``, a websocket that Ray closes when the job ends).
-  KubeRay RayJobs are not watched yet: the fallback notices their end.
+- the end of a retrain or train it started on a cluster's Jobs API
+  (``raylaunch.RayJobs.until_done``: the retrain agent's long-poll, or a Ray job's log
+  stream, a websocket that Ray closes when the job ends). KubeRay RayJobs are not
+  watched yet: the fallback notices their end.
 
 Handlers run in threads and the daemons in kopf's event loop; ``wake`` may be called
 from either.
@@ -19,6 +20,10 @@ import asyncio
 import contextlib
 import logging
 import threading
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from lethe_operator.raylaunch import JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +63,22 @@ async def sleep(event: asyncio.Event, seconds: float = FALLBACK_SECONDS) -> None
     event.clear()
 
 
-def watch_ray_job(address: str, submission_id: str, namespace: str, name: str) -> None:
-    """Wake the model when this Jobs API job ends (once per job; best effort: the
-    fallback wakes the loop anyway)."""
+class Watchable(Protocol):
+    async def until_done(self, job: JobStatus) -> None: ...
+
+
+def watch_job(launcher: Watchable, job: JobStatus, namespace: str, name: str) -> None:
+    """Wake the model when this job ends (once per job; best effort: the fallback
+    wakes the loop anyway)."""
     with _lock:
-        if submission_id in _watched:
+        if job.submission_id in _watched:
             return
-        _watched.add(submission_id)
+        _watched.add(job.submission_id)
         loops = [loop for loop, _ in _events.values()]
     if not loops:
-        _forget(submission_id)
+        _forget(job.submission_id)
         return
-    asyncio.run_coroutine_threadsafe(
-        _tail_until_end(address.rstrip("/"), submission_id, namespace, name), loops[0]
-    )
+    asyncio.run_coroutine_threadsafe(_until_done(launcher, job, namespace, name), loops[0])
 
 
 def _forget(submission_id: str) -> None:
@@ -79,16 +86,11 @@ def _forget(submission_id: str) -> None:
         _watched.discard(submission_id)
 
 
-async def _tail_until_end(address: str, submission_id: str, namespace: str, name: str) -> None:
-    import aiohttp
-
-    url = f"{address}/api/jobs/{submission_id}/logs/tail"
+async def _until_done(launcher: Watchable, job: JobStatus, namespace: str, name: str) -> None:
     try:
-        async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
-            async for _ in ws:  # the job's log lines: only the end matters here
-                pass
+        await launcher.until_done(job)
     except Exception as e:  # noqa: BLE001 - the fallback wake covers a lost stream
-        log.debug("log stream of a Ray job ended with %s", type(e).__name__)
+        log.debug("watching a job ended with %s", type(e).__name__)
     finally:
-        _forget(submission_id)
+        _forget(job.submission_id)
         wake(namespace, name)

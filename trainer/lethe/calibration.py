@@ -13,12 +13,13 @@ import time
 from dataclasses import asdict
 
 from lethe.core.manifest import Generation, Monolithic
+from lethe.errors import UserError
 from lethe.generations import read_live, update
 from lethe.layout import ModelLayout
 from lethe.store import Store
 
 
-class CalibrationError(ValueError):
+class CalibrationError(UserError, ValueError):
     """The measurement cannot calibrate this model; the message says why."""
 
 

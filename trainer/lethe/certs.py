@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from lethe.core.hashing import keyed_hash
+from lethe.errors import IntegrityFailure, UserError
 from lethe.layout import ModelLayout
 from lethe.store import NotFound, Store
 
@@ -50,15 +51,15 @@ _ENTRY_NAME = re.compile(r"^(\d{8})\.json$")
 _SCAN_BATCH = 16  # chain entries fetched at once when a rerun looks for its own slot
 
 
-class KeysError(ValueError):
+class KeysError(UserError, ValueError):
     """Keys are missing or malformed (names the file or Secret entry, never the key)."""
 
 
-class SignatureError(ValueError):
+class SignatureError(UserError, ValueError):
     """A certificate cannot be signed (no signing key, or not plain JSON)."""
 
 
-class ChainError(RuntimeError):
+class ChainError(IntegrityFailure, RuntimeError):
     """The chain cannot be appended to (an entry is not a certificate)."""
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from lethe.core.config import Columns, ConfigError, ModelConfig, Prices, TrainerConfig
+from lethe.core.config import Columns, ModelConfig, Prices, TrainerConfig
 from lethe.core.cost import ratio
 from lethe.core.manifest import Generation
 from lethe.core.plan import parse_id_lines
@@ -27,6 +27,7 @@ from lethe.core.sizing import (
     DEFAULT_MIN_ROWS_PER_SHARD,
     DEFAULT_RUN_OVERHEAD,
 )
+from lethe.errors import ErasureFailed, LetheError, UserError
 from lethe.layout import ModelLayout
 from lethe.store import S3Settings, Store
 
@@ -62,8 +63,8 @@ def fmt_usd(x: float | None) -> str:
     return f"${x:,.2f}" if x >= 1 else f"${x:.2g}"
 
 
-class UsageError(ValueError):
-    pass
+class UsageError(UserError, ValueError):
+    """A flag, argument or file given to the command is wrong; the message names it."""
 
 
 def read_subjects_file(path: str) -> list[str]:
@@ -298,10 +299,17 @@ def _accounting(result: dict[str, Any]) -> dict[str, Any] | None:
 
 def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
     from lethe.certs import load_public_key
+    from lethe.store import NotFound
     from lethe.verify import load_certificate, verify
 
     store = _store(args)
     keys = _load_keys(args)
+    try:
+        cert = load_certificate(store, args.certificate)
+    except NotFound:
+        raise UsageError(f"certificate not found: {args.certificate}") from None
+    except ValueError as e:  # another bucket, or not JSON
+        raise UsageError(f"certificate {args.certificate}: {e}") from None
     public = None
     if args.public_key:
         try:
@@ -310,7 +318,7 @@ def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError(f"--public-key: {e}") from None
     verdict = verify(
         store,
-        load_certificate(store, args.certificate),
+        cert,
         keys,
         public_key=public,
         bucket_wide=args.bucket_wide,
@@ -837,6 +845,30 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def exit_code(e: BaseException) -> int:
+    """The exit status for an error (``lethe.errors`` has the table): its class's
+    ``exit_code``; an existing file a command refuses to overwrite is the user's."""
+    if isinstance(e, LetheError):
+        return e.exit_code
+    return UserError.exit_code if isinstance(e, FileExistsError) else 1
+
+
+def failed(e: BaseException, as_json: bool) -> int:
+    """Report a command's error on stderr (and, with --json, as the last line of stdout)
+    and return its exit status. The message is the error's own: Lethe's errors name
+    keys, fields and counts, never a subject or record id."""
+    message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)  # KeyError quotes
+    out: dict[str, Any] = {"error": message, "type": type(e).__name__, "exit_code": exit_code(e)}
+    if isinstance(e, ErasureFailed):
+        err.print(f"[red]erasure failed ({e.reason}):[/red] {message}")
+        out["reason"] = e.reason
+    else:
+        err.print(f"[red]error:[/red] {message}")
+    if as_json:
+        print(json.dumps(out), flush=True)
+    return out["exit_code"]
+
+
 def _disconnect_ray() -> None:
     """Ray's driver prints raylet warnings to stdout whenever they arrive; disconnect
     first so that the JSON object really is the last line."""
@@ -854,22 +886,10 @@ def _exit_on_sigterm() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     _exit_on_sigterm()
-    from lethe.erasure import ErasureFailed
-    from lethe.generations import ModelNotFound
-    from lethe.ingest import IngestError
-
     try:
         out = args.func(args)
-    except (UsageError, ConfigError, IngestError, ModelNotFound, FileExistsError) as e:
-        err.print(f"[red]error:[/red] {e}")
-        if args.json:
-            print(json.dumps({"error": str(e), "type": type(e).__name__}))
-        return 2
-    except ErasureFailed as e:
-        err.print(f"[red]erasure failed ({e.reason}):[/red] {e}")
-        if args.json:
-            print(json.dumps({"error": str(e), "reason": e.reason}))
-        return 3
+    except (LetheError, FileExistsError) as e:
+        return failed(e, args.json)
     code = int(out.pop("_exit", 0)) if isinstance(out, dict) else 0
     _disconnect_ray()
     if args.json:

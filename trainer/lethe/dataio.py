@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from lethe.core.hashing import sha256_hex
 from lethe.core.manifest import FileRef
+from lethe.errors import IntegrityFailure
 from lethe.store import Store
 
 
@@ -58,7 +59,7 @@ def decode(body: bytes, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(io.BytesIO(body), columns=columns)
 
 
-class Tombstoned(ValueError):
+class Tombstoned(IntegrityFailure, ValueError):
     """A write would recreate a file that was purged because it held erased records."""
 
 

@@ -15,9 +15,10 @@ The comparison, like against like as far as it goes, and never in the ensemble's
 favour:
 
 - *erasure*: from the request (``kubectl apply``) to the person's shards back in
-  service, everything included: the operator's tick, plan, quarantine, the Ray job's
-  driver start, patch, data purge, the retrain on the cluster's warm retrain service,
-  commit. The certificate comes a moment later and is reported beside it.
+  service, everything included: the operator's steps, plan, quarantine, patch, data
+  purge, the retrain on the cluster's warm retrain service (handed over by its retrain
+  agent, or a Ray job's driver when there is none), commit. The certificate comes a
+  moment later and is reported beside it.
 - *full retrain*: the monolithic model's Ray Train run on the same cluster's warm
   retrain service (its start-up on the lane and its training), without any control
   plane around it: no tick, no job driver, no ingest.
@@ -61,14 +62,15 @@ from lethe.localstack import free_port
 from lethe.store import S3Settings, Store
 from lethe.training import RayTrainer, train_model
 from lethe.verify import verify
+from lethe_operator.batches import RequestPhase  # the phases the demo watches
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 MODEL_EXAMPLE = EXAMPLES / "shardedmodel-digits.yaml"
 REQUEST_EXAMPLE = EXAMPLES / "erasurerequest-subjects.yaml"
 
 ERASURE_MEASURES = {
-    "operator": "kubectl apply -> shards back in service: operator tick, plan, quarantine, "
-    "Ray job driver start, patch, data purge, warm retrain, commit",
+    "operator": "kubectl apply -> shards back in service: operator steps, plan, quarantine, "
+    "patch, data purge, warm retrain (through the cluster's retrain agent), commit",
     "engine": "request -> shards back in service: plan, quarantine, patch, data purge, "
     "warm retrain, commit (the engine in this process)",
 }
@@ -466,7 +468,7 @@ def _erase_through_operator(
                 if ph and ph not in seen:
                     seen[ph] = time.time() - applied
                     console.print(f"[bold magenta]{ph:>12}[/bold magenta]  after {fmt_s(seen[ph])}")
-                if ph == "Failed":
+                if ph == RequestPhase.FAILED:
                     raise RuntimeError(
                         f"the erasure failed: {st.get('reason')}: {st.get('message')}"
                     )
@@ -474,7 +476,7 @@ def _erase_through_operator(
                     f"erasure: {PHASE_WORDS.get(ph, ph or 'queued')}  "
                     f"[dim]{time.time() - applied:.0f} s[/dim]"
                 )
-                return ph == "Succeeded"
+                return ph == RequestPhase.SUCCEEDED
 
             _wait_for(cfg, "erasurerequest", req_name, progress, 900, every=0.1)
         st = json.loads(_kubectl(cfg, "get", "erasurerequest", req_name, "-o", "json"))["status"]
@@ -513,12 +515,12 @@ def _erase_through_operator(
 
 
 # phases in which the person's shards are already out of service
-FORGOTTEN = ("Quarantined", "DataErased", "Retraining", "Succeeded")
+FORGOTTEN = RequestPhase.forgotten()
 PHASE_WORDS = {
-    "Pending": "waiting for its batch",
-    "Quarantined": "shards out of service; patching the data",
-    "DataErased": "rows purged from S3; retraining",
-    "Retraining": "retraining the person's shard on the warm retrain service",
+    RequestPhase.PENDING: "waiting for its batch",
+    RequestPhase.QUARANTINED: "shards out of service; patching the data",
+    RequestPhase.DATA_ERASED: "rows purged from S3; retraining",
+    RequestPhase.RETRAINING: "retraining the person's shard on the warm retrain service",
 }
 
 

@@ -51,6 +51,7 @@ from lethe.core.plan import (
     ShardPlan,
     estimate_cost,
 )
+from lethe.errors import ErasureFailed, IntegrityFailure
 from lethe.generations import Live, read_consistent, read_live, update
 from lethe.layout import ModelLayout, sha_of_key
 from lethe.store import NotFound, PreconditionFailed, Store
@@ -72,16 +73,10 @@ class Trainer(Protocol):
     def train(self, cfg: ModelConfig, tasks: list[Any]) -> list[ShardRun]: ...
 
 
-class ErasureFailed(RuntimeError):
-    """The batch could not finish; the data stays erased and the shards quarantined."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-class IntegrityError(ErasureFailed):
+class IntegrityError(ErasureFailed, IntegrityFailure):
     """S3 contradicts what an erasure relies on (a live object holds erased rows)."""
+
+    exit_code = IntegrityFailure.exit_code
 
     def __init__(self, message: str) -> None:
         super().__init__("IntegrityError", message)

@@ -18,17 +18,18 @@ from typing import TypeVar
 
 from lethe.core.hashing import sha256_hex
 from lethe.core.manifest import Generation
+from lethe.errors import IntegrityFailure, TransientError, UserError
 from lethe.layout import ModelLayout
 from lethe.store import NotFound, PreconditionFailed, Store
 
 T = TypeVar("T")
 
 
-class ModelNotFound(LookupError):
-    pass
+class ModelNotFound(UserError, LookupError):
+    """No model under the layout: nothing was ingested there (or the name is wrong)."""
 
 
-class CommitConflict(RuntimeError):
+class CommitConflict(TransientError, RuntimeError):
     """Too many lost compare-and-swaps in a row."""
 
 
@@ -48,7 +49,7 @@ def read_live(store: Store, layout: ModelLayout) -> Live:
     pointer = json.loads(body)
     manifest = store.get(pointer["key"])
     if sha256_hex(manifest) != pointer["sha256"]:
-        raise RuntimeError(f"{pointer['key']} does not match the hash in CURRENT")
+        raise IntegrityFailure(f"{pointer['key']} does not match the hash in CURRENT")
     return Live(Generation.from_json(json.loads(manifest)), etag)
 
 
@@ -115,7 +116,7 @@ def on_generation(
         raise GenerationMoved() from None
 
 
-class GenerationMoved(Exception):
+class GenerationMoved(TransientError):
     """CURRENT moved while a generation's files were being read."""
 
 

@@ -21,12 +21,13 @@ from lethe.core.config import ConfigError, ModelConfig
 from lethe.core.hashing import is_test_subject, shard_of, slice_of
 from lethe.core.lineage import shard_lineages
 from lethe.core.manifest import FileRef, Generation, ShardState, SliceState
+from lethe.errors import UserError
 from lethe.generations import create_first
 from lethe.layout import ModelLayout
 from lethe.store import NotFound, Store
 
 
-class IngestError(ValueError):
+class IngestError(UserError, ValueError):
     """The dataset cannot be ingested; the message says why."""
 
 

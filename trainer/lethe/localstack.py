@@ -92,6 +92,7 @@ class StackState:
     seaweedfs_master: str = ""  # master HTTP URL: vacuum and volume status (lethe.reclaim)
     seaweedfs_dir: str = ""  # the server's -dir: volume files (*.dat, *.idx) and filer store
     keys_dir: str = ""  # the models' signing and HMAC keys (lethe.certs), made once
+    agent_port: int = 0  # the Ray head's retrain agent (lethe.agent); 0: none
 
     def env(self) -> dict[str, str]:
         out = {
@@ -110,6 +111,8 @@ class StackState:
             out["LETHE_SEAWEEDFS_MASTER"] = self.seaweedfs_master
         if self.keys_dir:
             out["LETHE_KEYS_DIR"] = self.keys_dir
+        # where an operator started from this env finds the head's retrain agent
+        out["LETHE_AGENT_PORT"] = str(self.agent_port)
         return out
 
     def apply(self) -> None:
@@ -200,7 +203,8 @@ def launch_seaweedfs(state: Path) -> SeaweedFS:
     return SeaweedFS(endpoint, pid, f"http://{HOST}:{p['master']}", data)
 
 
-def start_ray(state: Path, num_cpus: int | None) -> tuple[str, str, int]:
+def start_ray(state: Path, num_cpus: int | None) -> tuple[str, str, int, int]:
+    """Start a Ray head; returns (GCS address, dashboard URL, pid, retrain agent port)."""
     while True:  # a worker port range of our own, off the other ports
         gcs = free_port()
         lo = 30000 + (gcs % 200) * 100
@@ -212,7 +216,7 @@ def start_ray(state: Path, num_cpus: int | None) -> tuple[str, str, int]:
             pass
         return p
 
-    dash, client = port(), port()
+    dash, client, agent = port(), port(), port()
     temp = Path(f"/tmp/lethe-ray-{gcs}")
     cmd = [
         _tool("ray"),
@@ -251,11 +255,13 @@ def start_ray(state: Path, num_cpus: int | None) -> tuple[str, str, int]:
         "AWS_ACCESS_KEY_ID": ACCESS_KEY,
         "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
         "AWS_DEFAULT_REGION": "us-east-1",
+        "LETHE_AGENT_PORT": str(agent),  # the retrain service's HTTP API (lethe.agent)
+        "LETHE_AGENT_HOST": HOST,
     }
     pid = _spawn(cmd, log, env)
     dashboard = f"http://{HOST}:{dash}"
     _wait(lambda: _http_ok(f"{dashboard}/api/version"), "Ray head", 120, log)
-    return f"{HOST}:{gcs}", dashboard, pid
+    return f"{HOST}:{gcs}", dashboard, pid, agent
 
 
 def read_state(state_dir: Path = DEFAULT_STATE) -> StackState | None:
@@ -290,7 +296,7 @@ def up(
     state_dir.mkdir(parents=True, exist_ok=True)
     sw = launch_seaweedfs(state_dir)
     try:
-        ray_address, dashboard, ray_pid = start_ray(state_dir, num_cpus)
+        ray_address, dashboard, ray_pid, agent_port = start_ray(state_dir, num_cpus)
     except Exception:
         _stop(sw.pid)
         raise
@@ -305,6 +311,7 @@ def up(
         seaweedfs_master=sw.master,
         seaweedfs_dir=str(sw.data_dir.resolve()),
         keys_dir=str(ensure_keys(state_dir)),
+        agent_port=agent_port,
     )
     (state_dir / "stack.json").write_text(json.dumps(asdict(st), indent=1))
     (state_dir / "env").write_text("".join(f"export {k}={v}\n" for k, v in st.env().items()))

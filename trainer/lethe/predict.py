@@ -13,6 +13,7 @@ import torch
 
 from lethe import dataio
 from lethe.core.manifest import Generation
+from lethe.errors import LetheError
 from lethe.generations import read_live
 from lethe.layout import ModelLayout
 from lethe.models import build_model, load_checkpoint
@@ -21,8 +22,8 @@ from lethe.store import Store
 Aggregate = Literal["vote", "softmax"]
 
 
-class NoLiveConstituents(RuntimeError):
-    pass
+class NoLiveConstituents(LetheError, RuntimeError):
+    """Every shard is quarantined (an erasure's retrain has not landed) or untrained."""
 
 
 class Ensemble:

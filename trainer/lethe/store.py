@@ -17,13 +17,15 @@ import boto3
 import botocore.exceptions
 from botocore.config import Config
 
+from lethe.errors import LetheError, TransientError
 
-class PreconditionFailed(Exception):
+
+class PreconditionFailed(TransientError):
     """A conditional put lost: someone else wrote first."""
 
 
-class NotFound(KeyError):
-    pass
+class NotFound(LetheError, KeyError):
+    """No such object (or version) in the bucket; the message is its key."""
 
 
 @dataclass(frozen=True)

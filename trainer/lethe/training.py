@@ -26,6 +26,7 @@ from lethe import dataio
 from lethe.core.config import ModelConfig
 from lethe.core.cost import ShardRun
 from lethe.core.manifest import Generation
+from lethe.errors import LetheError, TransientError
 from lethe.layout import ModelLayout
 from lethe.store import NotFound, S3Settings, Store
 
@@ -34,11 +35,11 @@ from lethe.store import NotFound, S3Settings, Store
 FAULT_ENV = "LETHE_INJECT_TRAIN_FAILURE"
 
 
-class RetrainFailed(RuntimeError):
+class RetrainFailed(LetheError, RuntimeError):
     """A Ray Train run failed; the message carries Ray's."""
 
 
-class StaleLineage(RuntimeError):
+class StaleLineage(TransientError, RuntimeError):
     """The run trained on a file that an erasure purged meanwhile; its checkpoints were
     deleted again. Not a failure of the retrain: train the live data instead."""
 
@@ -152,6 +153,7 @@ def train_shard(
     xs: list[np.ndarray] = []
     ys: list[np.ndarray] = []
     train_seconds = 0.0
+    train_cpu = 0.0  # CPU seconds of this thread in those loops (below wall: starved)
     trained = 0  # slices trained by this run (not loaded from another writer's checkpoint)
     metrics: dict[str, Any] = {"train_seconds": 0.0, "slices_trained": 0, "peak_rss": 0}
     for r in range(cfg.slices):
@@ -178,7 +180,7 @@ def train_shard(
             report({"slice": r, "train_seconds": train_seconds, "skipped": 1}, False)
             continue
         trained += 1
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         X = torch.from_numpy(np.concatenate(xs)).to(device)
         Y = torch.from_numpy(np.concatenate(ys)).to(device)
         n = len(Y)
@@ -203,6 +205,7 @@ def train_shard(
                 loss.backward()
                 optimizer.step()
         train_seconds += time.perf_counter() - t0
+        train_cpu += time.thread_time() - c0
         if rank == 0:
             inner = model.module if hasattr(model, "module") else model
             meta = {"shard": task.shard, "slice": r, "lineage": task.lineages[r]}
@@ -241,6 +244,7 @@ def train_shard(
         metrics = {
             "slice": r,
             "train_seconds": train_seconds,
+            "train_cpu_seconds": train_cpu,
             "peak_rss": _peak_rss(),
             "slices_trained": trained,
         }

@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lethe.core.config import ModelConfig, TrainerConfig
+from lethe.errors import TransientError
 
 if TYPE_CHECKING:
     from lethe.core.cost import ShardRun
@@ -59,13 +60,15 @@ TTL_ENV = "LETHE_WARM_TTL_SECONDS"
 DEFAULT_TTL_SECONDS = 600.0
 ENABLE_ENV = "LETHE_WARM"  # "0": every retrain is a cold Ray Train run
 WAIT_SECONDS = 30.0  # one long-poll of a driver waiting for its tasks
+HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+LANE_HEALTH_CHECK_SECONDS = 2.0  # how often a lane's Ray Train controller polls (its default)
 
 # workers, CPUs per worker, GPUs per worker, and whose code the lane may run ("" for
 # the built-in models; a user model's import path and model name otherwise)
 LaneKey = tuple[int, float, float, str]
 
 
-class ServiceUnavailable(RuntimeError):
+class ServiceUnavailable(TransientError, RuntimeError):
     """The warm service could not be reached or created; use the cold path."""
 
 
@@ -125,9 +128,15 @@ class RetrainService:
     thread of this actor (``max_concurrency``); one condition guards the state."""
 
     def __init__(self, ttl: float, storage: str) -> None:
+        import ray
+
+        from lethe import agent
+
         self.state = _State(ttl)
         self.storage = storage
         self.cond = threading.Condition()
+        # the operator's way in without a Ray job per batch (``lethe.agent``)
+        self.agent = agent.start(ray.get_runtime_context().get_session_name())
         threading.Thread(target=self._watchdog, daemon=True).start()
 
     # drivers ------------------------------------------------------------------------
@@ -170,7 +179,7 @@ class RetrainService:
         from lethe.core.manifest import Generation
         from lethe.predict import ensemble_accuracy
 
-        return ensemble_accuracy(_store(s3), Generation.from_json(generation))
+        return ensemble_accuracy(store_for(s3), Generation.from_json(generation))
 
     def release_idle(self) -> int:
         """Retire every idle lane now (a cold run needs the resources they hold)."""
@@ -283,6 +292,12 @@ class RetrainService:
             workers_per_shard=workers, cpus_per_worker=cpus, gpus_per_worker=gpus
         )
         cfg = ModelConfig("lane", 1, 1, trainer=trainer)
+        # Tasks and their results go through this service, not through Ray Train, so a
+        # lane's controller need not poll its workers every 0.2 s as a cold run's does
+        # (``training.connect_ray``): those polls take CPU from the training beside them
+        # (the CPUs are all lanes'). Only a lane's end is noticed up to that much later.
+        # Ray Train hands this process's setting to the controller it starts.
+        os.environ[HEALTH_CHECK_ENV] = str(LANE_HEALTH_CHECK_SECONDS)
         error = "the lane's Ray Train run ended"
         try:
             LetheTorchTrainer(
@@ -319,6 +334,7 @@ class RetrainService:
             with self.cond:
                 st = self.state
                 quiet = not st.lanes and not any(st.queues.values())
+                quiet = quiet and not (self.agent and self.agent.busy())
                 if quiet and time.time() - st.last_activity >= st.ttl:
                     break
         ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
@@ -344,7 +360,7 @@ def _lanes_fitting(key: LaneKey) -> int:
 _stores: dict[tuple[tuple[str, str], ...], Store] = {}
 
 
-def _store(s3: dict[str, str]) -> Store:
+def store_for(s3: dict[str, str]) -> Store:
     """A Store for a task's public S3 settings with this node's keys (one per bucket:
     a boto3 client costs ~0.1 s to make)."""
     from lethe.store import S3Settings, Store
@@ -385,7 +401,8 @@ def lane_loop(config: dict[str, Any]) -> None:
             if task.inject_failure:
                 raise RuntimeError(f"injected training failure ({FAULT_ENV}=1)")
             cfg = ModelConfig.from_json(body["model"])
-            metrics = train_shard(cfg, task, _store(body["s3"]), rank, world, lambda m, last: None)
+            store = store_for(body["s3"])
+            metrics = train_shard(cfg, task, store, rank, world, lambda m, last: None)
             result: dict[str, Any] = {"ok": True, "metrics": metrics}
         except Exception as e:  # noqa: BLE001 - reported to the driver as the run's failure
             result = {"ok": False, "error": f"{type(e).__name__}: {e}"}
@@ -411,6 +428,9 @@ def service(ttl: float | None = None) -> Any:
         get_if_exists=True,
         num_cpus=0,
         max_concurrency=1000,
+        # on the head node: the agent's address is the head's (``lethe.agent``)
+        resources={"node:__internal_head__": 0.001},
+        scheduling_strategy="DEFAULT",  # never inside a caller's placement group
     )
     storage = os.environ.get("LETHE_RAY_STORAGE") or os.path.join(
         tempfile.gettempdir(), "lethe-ray-train"
@@ -451,8 +471,14 @@ def train_warm(
     ]
     results: dict[str, dict[str, Any]] = {}
     ids: list[str] = []
+    # Longest first: lanes take tasks in submission order, and the batch ends with its
+    # last task, so the biggest retrains go first and the small ones fill in beside them.
+    order = sorted(range(len(tasks)), key=lambda i: -task_work(tasks[i]))
     try:
-        ids = ray.get(svc.submit.remote(lane_key(cfg), bodies, ttl))
+        submitted = ray.get(svc.submit.remote(lane_key(cfg), [bodies[i] for i in order], ttl))
+        ids = [""] * len(tasks)
+        for i, item in zip(order, submitted, strict=True):
+            ids[i] = item
         while len(results) < len(ids):
             pending = [i for i in ids if i not in results]
             results.update(ray.get(svc.wait.remote(pending, WAIT_SECONDS)))
@@ -471,6 +497,13 @@ def train_warm(
             errors.append(run_error(attempt, str(result["error"])))
     raise_collected(errors)
     return runs, lost
+
+
+def task_work(task: ShardTask) -> int:
+    """Rows a shard task trains on, summed over its slices (slice r trains on the rows of
+    slices 0..r for the same number of epochs): its share of the training work."""
+    rows = [int(d.get("rows", 0)) for d in task.data]
+    return sum(sum(rows[: r + 1]) for r in range(task.first_slice, len(rows)))
 
 
 def evaluate_warm(store: Store, gen: Generation) -> float | None:

@@ -11,11 +11,13 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from lethe.errors import UserError
+
 BUILTIN_MODELS = ("mlp", "cnn")
 SOURCE_POLICIES = ("patch", "delete-after-ingest", "external")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value is wrong; the message names the field."""
 
 
