@@ -9,6 +9,8 @@ import pytest
 import ray
 
 from lethe import warm
+from lethe.core.cost import ShardRun
+from lethe.core.hashing import slice_of
 from lethe.core.plan import ErasureRequest
 from lethe.erasure import Engine, request_uid
 from lethe.localstack import StackState
@@ -17,7 +19,7 @@ from lethe.training import RayTrainer, connect_ray
 from lethe.verify import verify
 from lethe_operator import raylaunch
 from lethe_operator.raylaunch import JobStatus, RayJobs
-from tests.conftest import trained_small, training_subjects
+from tests.conftest import small_table, trained_small, training_subjects
 from tests.harness import wait_for
 
 
@@ -85,3 +87,47 @@ def test_a_batch_retrains_on_the_agent_once_then_on_a_ray_job_without_it(
     assert verify(store, store.get_json(next(iter(result["certificates"].values())))).ok
     raylaunch.forget_agent(launcher.address, launcher.agent_port)
     assert launcher.agent() is not None  # back with the service
+
+
+def test_the_service_killed_while_its_agent_retrains_ends_with_one_certificate(
+    stack: StackState, store: Store, trainer: RayTrainer
+) -> None:
+    """The retrain dies with the service mid-way; the operator's next ensure of the same
+    id finds no run (the agent is gone, the Jobs API never had it) and submits a Ray job
+    under that id, which resumes after the slices the lane checkpointed."""
+    table = small_table(subjects=200)  # slices that train for seconds: the kill lands inside
+    layout, cfg, _ = trained_small(store, trainer, table=table, shards=1, slices=3, epochs=240)
+    subject = next(s for s in training_subjects(table, cfg) if slice_of(s, cfg.slices) == 0)
+    engine = Engine(store, layout, trainer=None)
+    launcher = RayJobs(stack.ray_dashboard, store.settings.public_env())
+    raylaunch.forget_agent(launcher.address, launcher.agent_port)
+    plan = engine.prepare(
+        [ErasureRequest(request_uid(layout.prefix, [subject], []), (subject,))], purge=False
+    )
+    job_id, args = f"lethe-{plan.batch_id}-0", retrain_args(layout.prefix, plan.batch_id)
+    assert launcher.ensure(job_id, args).via == "agent"
+
+    def lane_checkpointed() -> bool:
+        runs = [
+            ShardRun.from_json(store.get_json(k))
+            for k in store.list_keys(f"{layout.prefix}/erasures/")
+            if "/runs/" in k
+        ]
+        return any(r.slices_trained >= 1 and not r.finished for r in runs)
+
+    wait_for("a slice retrained on the agent's lane", lane_checkpointed, timeout=180)
+    ray.kill(ray.get_actor(warm.SERVICE_NAME, namespace=warm.NAMESPACE), no_restart=True)
+
+    def ensured_until_done() -> JobStatus | None:  # what each operator step does
+        st = launcher.ensure(job_id, args)
+        return st if st.done else None
+
+    done = wait_for("the retrain under the same id", ensured_until_done, timeout=300, every=1)
+    assert (done.via, done.status) == ("jobs", "SUCCEEDED"), done.message
+    result = engine.finish(plan)
+    certs = [k for k in store.list_keys(f"{layout.prefix}/certificates/") if "/chain/" not in k]
+    assert len(certs) == 1
+    assert verify(store, store.get_json(certs[0])).ok
+    runs = [ShardRun.from_json(r) for r in result["shard_runs"]]
+    # nothing trained twice: the Ray job resumed after the lane's checkpoints
+    assert sum(r.slices_trained for r in runs) == cfg.slices

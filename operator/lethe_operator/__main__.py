@@ -60,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         "--verbose", action="store_true", help="kopf's debug log (timings of every handler)"
     )
     args = p.parse_args(argv)
+    from lethe import agent
+
+    try:  # a bad value would fail every reconcile: refuse to start instead
+        agent.port()
+    except ValueError as e:
+        p.error(str(e))
     staging = prepare_staging()
 
     import logging

@@ -367,21 +367,21 @@ def advance_batch(
     kill_point("batched")
     result = engine.result_of_batch(batch.id)
     facts = Facts(certified=result is not None)
-    max_retries = int(ctx.spec["ray"].get("maxRetries", 3))
     plan = None
     batch_members: list[Member] = []
+    if result is None:
+        plan = _plan(ctx, engine, batch, members, events)
+        if plan is None:  # every request gone before it was planned
+            status.pop("activeBatch", None)
+            return status
+        in_plan = {r.uid for r in plan.requests}
+        batch_members = [m for m in members if m.uid in in_plan]
+        release_holds(ctx.store, ctx.layout, {holder(uid) for uid in in_plan})
+        facts = replace(facts, committed=engine.committed(plan))
+    max_retries = int(ctx.spec["ray"].get("maxRetries", 3))
     job_message = ""
     while (step := next_step(batch, facts, time.time(), max_retries)) is not Step.REPORT:
-        if plan is None:
-            plan = _plan(ctx, engine, batch, members, events)
-            if plan is None:  # every request gone before it was planned
-                status.pop("activeBatch", None)
-                return status
-            in_plan = {r.uid for r in plan.requests}
-            batch_members = [m for m in members if m.uid in in_plan]
-            release_holds(ctx.store, ctx.layout, {holder(uid) for uid in in_plan})
-            facts = replace(facts, committed=engine.committed(plan))
-            continue  # decide again with what the plan says
+        assert plan is not None  # not certified: planned above
         if step is Step.CERTIFY:
             _data_erased(ctx, engine, plan, batch.id, batch_members, events)
             # The retrain commits the shards itself, so "committed" is usually what a

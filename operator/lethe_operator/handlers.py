@@ -195,14 +195,14 @@ def request_created(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
         raise kopf.TemporaryError(str(e), delay=10) from None
     for key, value in status.items():
         patch.status[key] = value
-    wakeup.wake(body["metadata"]["namespace"])
+    # (the model's loop is woken by ``request_changed`` once this status is written)
 
 
 @kopf.on.event(GROUP, VERSION, REQUESTS)
 def request_changed(body: kopf.Body, type: str | None, **_: Any) -> None:  # noqa: A002
-    """Wake the namespace's models once a request's quarantine is in its status:
-    ``request_created`` wakes them before kopf has written that status, and a batch is
-    formed from what the status says."""
+    """Wake the namespace's models once a request's quarantine is in its status (a
+    batch is formed from what the status says, so waking them earlier, when
+    ``request_created`` returns, would find nothing to batch)."""
     status = body.get("status") or {}
     if type in ("ADDED", "MODIFIED") and status.get("phase") == "Quarantined":
         if not status.get("batchId"):

@@ -4,7 +4,9 @@ Each model's batch state machine runs in one kopf daemon (``handlers.model_loop`
 which sleeps until it is woken or ``FALLBACK_SECONDS`` pass (the fallback catches what
 nothing reports: a deadline coming due, a Secret edited). It is woken by:
 
-- an ErasureRequest created, resumed or deleted in its namespace (kopf's watch);
+- an ErasureRequest in its namespace whose quarantine has been written, or that is
+  deleted (kopf's watch);
+- its own step that formed or closed a batch (``handlers.model_loop`` runs again);
 - the end of a retrain or train it started on a cluster's Jobs API
   (``raylaunch.RayJobs.until_done``: the retrain agent's long-poll, or a Ray job's log
   stream, a websocket that Ray closes when the job ends). KubeRay RayJobs are not

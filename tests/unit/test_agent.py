@@ -206,3 +206,38 @@ def test_only_a_plain_retrain_can_run_on_the_agent() -> None:
     assert retrain_job("x", ["train", "--model-prefix", "p/m"], S3) is None
     # a model's own ray.env cannot reach a long-lived service: a Ray job runs it
     assert retrain_job("x", args, {**S3, "LETHE_FAULT": "1"}) is None
+
+
+def test_two_writers_posting_one_id_at_once_start_one_run(server: agent.Agent, retrains) -> None:
+    """Two operators (an old pod and its replacement, say) post the same job together."""
+    body = {**GOOD, "batch": "slow-2"}
+    threads = [threading.Thread(target=call, args=(url(server, "/jobs"), body)) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    retrains.release.set()
+    assert call(url(server, f"/jobs/{GOOD['id']}?wait=10"))[1]["status"] == "SUCCEEDED"
+    assert retrains == [("p/m", "slow-2")]
+
+
+def test_absurd_but_valid_input_is_bounded(server: agent.Agent, retrains) -> None:
+    code, out = call(url(server, "/jobs"), {**GOOD, "modelPrefix": "p/" + "m" * 70_000})
+    assert code == 400 and out["error"].startswith("body:")  # over 64 KiB: never read
+    code, out = call(url(server, "/jobs"), {**GOOD, "modelPrefix": "p/" + "m" * 2000})
+    assert code == 400 and out["error"].startswith("modelPrefix:")
+    call(url(server, "/jobs"), GOOD)
+    for wait in ("-5", "nan"):  # no wait at all, not an error and not a hang
+        assert call(url(server, f"/jobs/{GOOD['id']}?wait={wait}"))[0] == 200
+    assert retrains == [("p/m", "b-1")]
+
+
+def test_the_operator_refuses_to_start_with_a_bad_agent_port(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lethe_operator.__main__ import main
+
+    monkeypatch.setenv(agent.PORT_ENV, "eighty")
+    with pytest.raises(SystemExit) as e:
+        main(["--metrics-port", "0"])
+    assert e.value.code == 2 and agent.PORT_ENV in capsys.readouterr().err
