@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: venv kube-apiserver helm prometheus kuberay-crds test test-unit demo bench bench-operator lint clean
+.PHONY: venv kube-apiserver helm prometheus kuberay-crds test test-unit demo bench bench-operator bench-ingest lint clean
 
 venv: $(STAMP)
 
@@ -51,6 +51,10 @@ bench: venv
 
 bench-operator: venv kube-apiserver
 	$(BIN)/python bench/bench_operator.py
+
+# ingest in bounded memory: two dataset sizes, peak RSS of the ingest process
+bench-ingest: venv
+	$(BIN)/python bench/bench_ingest.py
 
 lint: venv
 	$(BIN)/ruff check trainer operator tests bench tools

@@ -35,7 +35,6 @@ from lethe.certs import Keys, KeysError
 from lethe.core.config import Columns, ModelConfig, Prices, TrainerConfig
 from lethe.erasure import Engine
 from lethe.errors import UserError
-from lethe.ingest import decode_dataset
 from lethe.layout import ModelLayout
 from lethe.store import S3Settings, Store
 from lethe_operator.raylaunch import SECRET_ENV, Launcher, RayJobs
@@ -347,6 +346,7 @@ class ModelContext:
                 cols.get("subjectId", "subject_id"),
                 cols.get("label", "label"),
                 tuple(cols.get("features", ())),
+                cols.get("file", ""),
             ),
             test_fraction=float(ds.get("testFraction", 0.2)),
             source_uri=uri,
@@ -433,15 +433,3 @@ def model_context(body: dict[str, Any]) -> ModelContext:
         Store(settings),
         ModelLayout.of(f"{ns}.{name}", storage.get("prefix", "")),
     )
-
-
-def load_dataset(ctx: ModelContext) -> Any:
-    """The model's source dataset as a table (``builtin:`` or one ``s3://`` object)."""
-    cfg = ctx.config()
-    uri = cfg.source_uri
-    if uri.startswith("builtin:"):
-        from lethe.datasets import builtin
-
-        return builtin(uri.removeprefix("builtin:"))
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
-    return decode_dataset(ctx.store.for_bucket(bucket).get(key), cfg.source_format, cfg)

@@ -31,8 +31,10 @@ from lethe.core.manifest import Generation
 from lethe.core.plan import ErasurePlan, ErasureRequest
 from lethe.erasure import Engine, batch_id, release_holds
 from lethe.generations import ModelNotFound, read_live
-from lethe.ingest import IngestError, LayoutOwned, check_owner, ingest_table
-from lethe.store import NotFound, PreconditionFailed
+from lethe.ingest import LayoutOwned, check_owner
+from lethe.jobs import ingest_error, request_ingest
+from lethe.sources import Source, SourceError
+from lethe.store import PreconditionFailed
 from lethe_operator import metrics, wakeup
 from lethe_operator.batches import (
     ActiveBatch,
@@ -54,7 +56,6 @@ from lethe_operator.context import (
     ModelContext,
     ModelRefused,
     kill_point,
-    load_dataset,
     log,
     model_context,
     set_condition,
@@ -121,13 +122,9 @@ def reconcile_model(body: dict[str, Any], events: Events) -> dict[str, Any]:
     try:
         live = read_live(ctx.store, ctx.layout).generation
     except ModelNotFound:
-        try:
-            ingest_table(ctx.store, ctx.layout, load_dataset(ctx), ctx.config(), owner=ctx.uid)
-        except LayoutOwned as e:
-            return not_ready(LAYOUT_OWNED, str(e))
-        except (IngestError, ConfigError, NotFound) as e:
-            return not_ready("IngestFailed", f"{type(e).__name__}: {e}"[:500])
-        events.info("Ingested", "dataset sharded and written to S3 (generation 1)")
+        waiting = run_ingest(ctx, body, status, events)
+        if waiting is not None:
+            return not_ready(*waiting)
         live = read_live(ctx.store, ctx.layout).generation
     # Only the committed generation counts: checkpoints a train job wrote but has not
     # committed yet (with the accuracy) do not make the model Ready.
@@ -191,6 +188,75 @@ def reconcile_model(body: dict[str, Any], events: Events) -> dict[str, Any]:
         }
     )
     return status
+
+
+def run_ingest(
+    ctx: ModelContext, body: dict[str, Any], status: dict[str, Any], events: Events
+) -> tuple[str, str] | None:
+    """Have the model's dataset ingested by a Ray job (the operator never reads it);
+    None once generation 1 exists, else the Ready condition's (reason, message).
+
+    The job's attempt number is in ``status.ingest``. A dataset the job refused (a user
+    error: columns, ids, an unreadable source) is tried again when the spec changes or
+    after ``erasurePolicy.retryFailedAfterSeconds``; a job that failed otherwise is
+    tried again at once, up to ``ray.maxRetries`` times."""
+    state = dict(status.get("ingest") or {})
+    attempt = int(state.get("attempt", 0))
+    observed = body["metadata"].get("generation")
+    failed = state.get("failed")
+    if failed:
+        retry_after = int(ctx.spec.get("erasurePolicy", {}).get("retryFailedAfterSeconds", 600))
+        if (
+            failed.get("observedGeneration") == observed
+            and time.time() < float(failed.get("at", 0)) + retry_after
+        ):
+            return "IngestFailed", str(failed.get("message", ""))
+        attempt += 1
+    try:
+        cfg = ctx.config()
+        cfg.validate()
+        Source.parse(cfg.source_uri, cfg.source_format)
+    except (ConfigError, SourceError) as e:
+        return "IngestFailed", f"{type(e).__name__}: {e}"[:500]
+    launcher = ctx.ray(owners=[body])
+    job_id = f"lethe-ingest-{ctx.uid}-{attempt}"
+    job = launcher.status(job_id)
+    if job is None:  # not submitted yet: say what it ingests first
+        request_ingest(ctx.store, ctx.layout, cfg, ctx.uid)
+        job = launcher.ensure(job_id, ["ingest", "--model-prefix", ctx.layout.prefix])
+    status["ingest"] = _ingest_state(attempt, job_id)
+    if job.status == "SUCCEEDED":
+        try:
+            read_live(ctx.store, ctx.layout)
+        except ModelNotFound:  # succeeded without a model: someone deleted it; again
+            status["ingest"] = _ingest_state(attempt + 1)
+            return "Ingesting", "the ingested model disappeared; ingesting again"
+        events.info("Ingested", "dataset sharded and written to S3 (generation 1)")
+        return None
+    if job.status in ("FAILED", "STOPPED"):
+        refused = ingest_error(ctx.store, ctx.layout)
+        if refused is None and attempt < int(ctx.spec["ray"].get("maxRetries", 3)):
+            status["ingest"] = _ingest_state(attempt + 1)
+            return "Ingesting", f"ingest job {job_id} failed; trying again"
+        message = refused or f"ingest job {job_id}: {ray_reason(job.message)}"
+        status["ingest"] = _ingest_state(
+            attempt,
+            job_id,
+            {"message": message[:500], "observedGeneration": observed, "at": time.time()},
+        )
+        events.warning("IngestFailed", message[:500])
+        return "IngestFailed", message[:500]
+    if isinstance(launcher, RayJobs):
+        wakeup.watch_job(launcher, job, ctx.namespace, ctx.name)
+    return "Ingesting", f"Ray job {job_id} shards and slices the dataset"
+
+
+def _ingest_state(
+    attempt: int, job: str | None = None, failed: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """``status.ingest``, every field given: kopf merges a status patch, so a field
+    left out would keep its old value (None deletes it)."""
+    return {"attempt": attempt, "job": job, "failed": failed}
 
 
 def release_orphaned_holds(

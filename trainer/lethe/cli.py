@@ -131,8 +131,14 @@ def _trainer(args: argparse.Namespace, store: Store) -> Any:
     return RayTrainer(store.settings, args.ray_address)
 
 
+def _format_of(path: str) -> str:
+    if path.endswith((".csv", ".txt")):
+        return "csv"
+    return "jsonl" if path.endswith((".jsonl", ".json")) else "parquet"
+
+
 def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
-    from lethe.ingest import ingest_file
+    from lethe.ingest import ingest_source
 
     shape = tuple(int(x) for x in args.input_shape.split(",")) if args.input_shape else ()
     cfg = ModelConfig(
@@ -157,14 +163,15 @@ def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
             args.subject_column,
             args.label_column,
             tuple(args.feature_columns.split(",")) if args.feature_columns else (),
+            file=args.file_column,
         ),
         test_fraction=args.test_fraction,
-        source_uri=str(Path(args.data).resolve()),
-        source_format="csv" if args.data.endswith((".csv", ".txt")) else "parquet",
+        source_uri=args.data if args.data.startswith("s3://") else str(Path(args.data).resolve()),
+        source_format=args.format or _format_of(args.data),
     )
     store = _store(args)
     store.ensure_bucket()
-    gen = ingest_file(store, _layout(args), args.data, cfg)
+    gen = ingest_source(store, _layout(args), cfg)
     return {
         "model": args.model,
         "generation": gen.number,
@@ -708,7 +715,16 @@ def parser() -> argparse.ArgumentParser:
         parents=[common], name="ingest", help="shard and slice a dataset into S3 (generation 1)"
     )
     s.add_argument("--model", required=True)
-    s.add_argument("--data", required=True, help="a .parquet or .csv file")
+    s.add_argument(
+        "--data",
+        required=True,
+        help="a file or directory of them (.parquet, .csv, .jsonl), or s3://bucket/key "
+        "(a key ending in '/' is a prefix: every file under it)",
+    )
+    s.add_argument("--format", choices=["parquet", "csv", "jsonl"], help="default: by suffix")
+    s.add_argument(
+        "--file-column", default="", help="a column of s3:// image URIs (file-backed records)"
+    )
     s.add_argument("--shards", type=int, default=8)
     s.add_argument("--slices", type=int, default=4)
     s.add_argument("--record-id-column", default="record_id")

@@ -38,6 +38,12 @@ def data_table(
     )
 
 
+def with_label_ids(table: pa.Table, labels: np.ndarray) -> pa.Table:
+    """``table`` with its label column replaced by class ids (int32, as data files hold)."""
+    i = table.schema.get_field_index("label")
+    return table.set_column(i, "label", pa.array(np.asarray(labels, dtype=np.int32)))
+
+
 def index_table(record_ids: list[str], subject_ids: list[str], slices: list[int]) -> pa.Table:
     return pa.table(
         {

@@ -338,6 +338,9 @@ class Engine:
             self.store.put_json_if_absent(
                 self.layout.tombstone(sha_of_key(key)), {"batch": plan.batch_id, "key": key}
             )
+        # The erased records' files go before the data files that name them: a purge
+        # repeated after a crash still finds their URIs.
+        files = self._purge_files(live.config, tainted, hashes, id_hash)
         deleted = self._delete(plan, tainted, live)
         source = self._erase_from_source(plan, live.config)
         storage = self._reclaim()
@@ -347,7 +350,43 @@ class Engine:
             "tombstones": sorted(sha_of_key(k) for k in tainted),
             "versions_deleted": sum(deleted.values()),
             "source": source,
+            "files": files,
             "storage": storage,
+        }
+
+    def _purge_files(
+        self,
+        cfg: ModelConfig,
+        tainted: set[str],
+        hashes: set[str],
+        id_hash: Callable[[str], str],
+    ) -> dict[str, Any] | None:
+        """File-backed records (``columns.file``): delete every version of the objects
+        that the erased rows of ``tainted`` (every version) name. Returns the keyed hashes
+        of their URIs and their buckets, for the certificate and ``verify``."""
+        if not cfg.columns.file:
+            return None
+        from lethe.files import purge_files, split_uri
+
+        uris: set[str] = set()
+        for key in sorted(tainted):
+            for k, version, is_marker in list(self.store.list_versions(key)):
+                if k != key or is_marker:
+                    continue
+                try:
+                    t = dataio.decode(self.store.get_version(key, version))
+                except NotFound:
+                    continue
+                if "uri" not in t.column_names:
+                    continue
+                mask = dataio.hashed_mask(t.column("record_id"), id_hash, hashes)
+                uris |= {u for u, m in zip(t.column("uri").to_pylist(), mask, strict=True) if m}
+        versions = purge_files(self.store, uris)
+        return {
+            "objects": len(uris),
+            "versions_deleted": sum(versions.values()),
+            "buckets": sorted({split_uri(u)[0] for u in uris}),
+            "hashes": sorted(id_hash(u) for u in uris),
         }
 
     def _delete(self, plan: ErasurePlan, tainted: set[str], live: Generation) -> dict[str, int]:
@@ -378,27 +417,35 @@ class Engine:
                 "patch": "not an S3 object: not erased by Lethe",
             }.get(policy, "held outside Lethe: not erased by Lethe")
             return {"policy": policy, "state": what}
-        bucket, _, key = uri.removeprefix("s3://").partition("/")
-        src = self.store.for_bucket(bucket)
+        from lethe.sources import object_keys, source_of
+
+        source = source_of(cfg)
+        src = self.store.for_bucket(source.bucket)
         keys = load_keys(self.keys)
         subjects = {h for r in plan.requests for h in r.subject_hashes}
         records = set(plan.record_hashes) | {
             h for r in plan.requests for h in r.requested_record_hashes
         }
-        try:
-            body = src.get(key)
-        except NotFound:
+        removed = 0
+        objects = object_keys(self.store, source)  # a prefix: each of its files
+        for key in objects:
+            try:
+                body = src.get(key)
+            except NotFound:
+                continue
+            new_body, n = source_rows_without(body, cfg, keys.id_hash, subjects, records)
+            removed += n
+            if n:
+                version = src.put(key, new_body)
+                src.purge_older_versions(key, version)
+            else:
+                # no row here (any more): still drop older versions that may hold them
+                versions = src.versions_of(key)
+                current = next((v for v, m in versions if not m), None)
+                if current is not None and len(versions) > 1:
+                    src.purge_older_versions(key, current)
+        if not objects or (not source.is_prefix and not src.exists(objects[0])):
             return {"policy": policy, "state": "source object gone"}
-        new_body, removed = source_rows_without(body, cfg, keys.id_hash, subjects, records)
-        if removed:
-            version = src.put(key, new_body)
-            src.purge_older_versions(key, version)
-        else:
-            # no row here (any more): still drop older versions that may hold them
-            versions = src.versions_of(key)
-            current = next((v for v, m in versions if not m), None)
-            if current is not None and len(versions) > 1:
-                src.purge_older_versions(key, current)
         return {"policy": policy, "state": "patched", "rows_removed": removed}
 
     def _reclaim(self) -> dict[str, Any]:
@@ -780,6 +827,7 @@ class BatchEvidence:
             "deleted_keys": sorted(set(data.get("deleted", [])) | set(purge.get("deleted", []))),
             "tombstones": data.get("tombstones", []),
             "source": data.get("source"),
+            "files": data.get("files"),
             "storage": purge.get("storage") or data.get("storage"),
             "ray_runs": sorted({r.run_id for r in runs}),
             "shard_runs": [r.to_json() for r in runs],

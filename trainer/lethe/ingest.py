@@ -6,8 +6,11 @@ subjects (a stable hash of the subject id) form the test set.
 
 from __future__ import annotations
 
+import hashlib
 import io
-from collections.abc import Callable
+import json
+import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +25,17 @@ from lethe.core.hashing import is_test_subject, shard_of, slice_of
 from lethe.core.lineage import shard_lineages
 from lethe.core.manifest import FileRef, Generation, ShardState, SliceState
 from lethe.errors import UserError
+from lethe.files import FileDecoder, FileUnreadable
 from lethe.generations import create_first
 from lethe.layout import ModelLayout
+from lethe.sources import (
+    BATCH_ROWS,
+    SourceError,
+    csv_convert_options,
+    object_keys,
+    read_batches,
+    source_of,
+)
 from lethe.store import NotFound, Store
 
 
@@ -35,32 +47,25 @@ class LayoutOwned(IngestError):
     """The S3 layout belongs to another model (another ShardedModel's UID)."""
 
 
-def _csv_options(cfg: ModelConfig | None) -> pacsv.ConvertOptions:
-    """Ids are strings, always: type inference would turn '000042' into 42, and then
-    erasing by the real id would find nothing."""
-    if cfg is None:
-        return pacsv.ConvertOptions()
-    c = cfg.columns
-    return pacsv.ConvertOptions(
-        column_types={c.record_id: pa.string(), c.subject_id: pa.string(), c.label: pa.string()}
-    )
-
-
 def read_dataset(path: str | Path, cfg: ModelConfig | None = None) -> pa.Table:
+    """A local dataset file as one table (small files: the CLI's sizing advice)."""
     p = Path(path)
     if not p.exists():
         raise IngestError(f"dataset not found: {p}")
-    if p.suffix == ".parquet":
-        return pq.read_table(p)
-    if p.suffix in (".csv", ".txt"):
-        return pacsv.read_csv(p, convert_options=_csv_options(cfg))
-    raise IngestError(f"dataset {p}: unknown format (use .parquet or .csv)")
+    fmt = {".parquet": "parquet", ".csv": "csv", ".txt": "csv", ".jsonl": "jsonl"}.get(p.suffix)
+    if fmt is None:
+        raise IngestError(f"dataset {p}: unknown format (use .parquet, .csv or .jsonl)")
+    return decode_dataset(p.read_bytes(), fmt, cfg)
 
 
 def decode_dataset(body: bytes, fmt: str, cfg: ModelConfig | None = None) -> pa.Table:
-    """A dataset object's bytes (``fmt``: parquet or csv), ids read as strings."""
+    """A dataset object's bytes (``fmt``: parquet, csv or jsonl), ids read as strings."""
     if fmt == "csv":
-        return pacsv.read_csv(io.BytesIO(body), convert_options=_csv_options(cfg))
+        return pacsv.read_csv(io.BytesIO(body), convert_options=csv_convert_options(cfg))
+    if fmt == "jsonl":
+        import pyarrow.json as pajson
+
+        return pajson.read_json(io.BytesIO(body))
     return pq.read_table(io.BytesIO(body))
 
 
@@ -68,6 +73,9 @@ def encode_dataset(table: pa.Table, fmt: str) -> bytes:
     buf = io.BytesIO()
     if fmt == "csv":
         pacsv.write_csv(table, buf)
+    elif fmt == "jsonl":
+        for row in table.to_pylist():
+            buf.write(json.dumps(row).encode() + b"\n")
     else:
         pq.write_table(table, buf)
     return buf.getvalue()
@@ -84,9 +92,10 @@ def source_rows_without(
     ``patch``); returns the new bytes and how many rows went."""
     table = decode_dataset(body, cfg.source_format, cfg)
     c = cfg.columns
-    mask = dataio.hashed_mask(
-        table.column(c.record_id), id_hash, record_hashes
-    ) | dataio.hashed_mask(table.column(c.subject_id), id_hash, subject_hashes)
+    mask = np.zeros(table.num_rows, bool)
+    for column, hashes in ((c.record_id, record_hashes), (c.subject_id, subject_hashes)):
+        if column in table.column_names:  # not when it is a hive partition of a prefix
+            mask |= dataio.hashed_mask(table.column(column), id_hash, hashes)
     removed = int(mask.sum())
     if not removed:
         return body, 0
@@ -111,22 +120,27 @@ def apply_source_policy_after_ingest(store: Store, cfg: ModelConfig) -> None:
     """Policy ``delete-after-ingest``: the source object goes, with every version."""
     if cfg.source_policy != "delete-after-ingest" or not cfg.source_uri.startswith("s3://"):
         return
-    bucket, _, key = cfg.source_uri.removeprefix("s3://").partition("/")
-    store.for_bucket(bucket).purge(key)
+    source = source_of(cfg)
+    src = store.for_bucket(source.bucket)
+    for key in object_keys(store, source):  # a prefix: each of its files
+        src.purge(key)
 
 
-def _check_columns(table: pa.Table, cfg: ModelConfig) -> list[str]:
+def _feature_columns(schema: pa.Schema, cfg: ModelConfig) -> list[str]:
+    """The feature columns (checked: present and numeric); none for file-backed records,
+    whose features are their decoded files."""
     cols = cfg.columns
-    available = table.column_names
-    for role, name in (
-        ("record id", cols.record_id),
-        ("subject id", cols.subject_id),
-        ("label", cols.label),
-    ):
+    available = schema.names
+    roles = [("record id", cols.record_id), ("subject id", cols.subject_id), ("label", cols.label)]
+    if cols.file:
+        roles.append(("file", cols.file))
+    for role, name in roles:
         if name not in available:
             raise IngestError(
                 f"unknown {role} column {name!r}; the dataset has: {', '.join(available)}"
             )
+    if cols.file:
+        return []
     id_cols = {cols.record_id, cols.subject_id, cols.label}
     features = list(cols.features) or [c for c in available if c not in id_cols]
     missing = [c for c in features if c not in available]
@@ -137,33 +151,183 @@ def _check_columns(table: pa.Table, cfg: ModelConfig) -> list[str]:
     if not features:
         raise IngestError("the dataset has no feature columns")
     for c in features:
-        t = table.schema.field(c).type
+        t = schema.field(c).type
         if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
             raise IngestError(f"feature column {c!r} is {t}, not numeric")
     return features
 
 
-def _ids(table: pa.Table, column: str, role: str) -> pa.ChunkedArray:
+def _ids(batch: pa.RecordBatch, column: str, role: str) -> list[str]:
     """Ids as strings. Floats are refused: 42.0 is not an id anyone erases by."""
-    t = table.schema.field(column).type
-    if pa.types.is_floating(t):
+    col = batch.column(batch.schema.get_field_index(column))
+    if pa.types.is_floating(col.type):
         raise IngestError(
-            f"{role} column {column!r} is {t}: ids must be strings or integers "
+            f"{role} column {column!r} is {col.type}: ids must be strings or integers "
             "(read CSV ids as strings)"
         )
-    return pc.cast(table.column(column), pa.string())
-
-
-def _check_ids(record_ids: pa.ChunkedArray, subject_ids: pa.ChunkedArray) -> None:
-    if record_ids.null_count or subject_ids.null_count:
+    if col.null_count:
         raise IngestError("record and subject ids must not be empty (null found)")
-    n = len(record_ids)
-    unique = pc.unique(record_ids)
-    if len(unique) != n:
-        counts = pc.value_counts(record_ids)
-        dups = [str(v["values"]) for v in counts.to_pylist() if v["counts"] > 1]
-        # counts only: an error message goes to logs and Events, an id never does
-        raise IngestError(f"duplicate record ids: {len(dups)} ids occur more than once")
+    return pc.cast(col, pa.string()).to_pylist()
+
+
+def _id_hash64(ids: list[str]) -> np.ndarray:
+    """64-bit hashes of record ids: the duplicate check holds 8 bytes per record."""
+    return np.fromiter(
+        (
+            int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "little")
+            for i in ids
+        ),
+        np.uint64,
+        len(ids),
+    )
+
+
+TEST = (-1, 0)  # the spill key of the held-out test rows
+
+
+class _Spill:
+    """Pass one's output: every row on local disk, in Arrow IPC files per (shard, slice)
+    and one for the test set, so pass two holds one slice at a time."""
+
+    MAX_OPEN = 256  # open files at once; a key written again later gets another part
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.open: dict[tuple[int, int], pa.ipc.RecordBatchStreamWriter] = {}
+        self.parts: dict[tuple[int, int], int] = {}
+        self.schema: pa.Schema | None = None
+
+    def _path(self, key: tuple[int, int], part: int) -> Path:
+        return self.root / f"{key[0]}-{key[1]}-{part}.arrow"
+
+    def write(self, key: tuple[int, int], batch: pa.RecordBatch) -> None:
+        self.schema = self.schema or batch.schema
+        if key not in self.open:
+            if len(self.open) >= self.MAX_OPEN:
+                oldest = next(iter(self.open))
+                self.open.pop(oldest).close()
+            part = self.parts.get(key, 0)
+            self.parts[key] = part + 1
+            self.open[key] = pa.ipc.new_stream(str(self._path(key, part)), self.schema)
+        self.open[key].write_batch(batch.cast(self.schema))
+
+    def close(self) -> None:
+        for w in self.open.values():
+            w.close()
+        self.open.clear()
+
+    @property
+    def keys(self) -> list[tuple[int, int]]:
+        return list(self.parts)
+
+    def read(self, key: tuple[int, int], columns: list[str] | None = None) -> pa.Table:
+        assert self.schema is not None
+        tables = [self.schema.empty_table()]
+        for part in range(self.parts.get(key, 0)):
+            with pa.ipc.open_stream(str(self._path(key, part))) as r:
+                tables.append(r.read_all())
+        table = pa.concat_tables(tables)
+        return table.select(columns) if columns else table
+
+
+class _Pass1:
+    """Reads the source's batches once: checks them, assigns each record its shard,
+    slice or the test set, spills it, and keeps only what the whole dataset decides
+    (label values, 64-bit record id hashes, row counts)."""
+
+    def __init__(self, cfg: ModelConfig, spill: _Spill, files: FileDecoder | None) -> None:
+        self.cfg = cfg
+        self.spill = spill
+        self.files = files
+        self.features: list[str] | None = None
+        self.num_features = 0
+        self.labels: set[str] = set()
+        self.hashes: list[np.ndarray] = []
+        self.train_rows = np.zeros(cfg.shards, np.int64)
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        cfg, c = self.cfg, self.cfg.columns
+        if self.features is None:
+            self.features = _feature_columns(batch.schema, cfg)
+        elif self.features:
+            _feature_columns(batch.schema, cfg)  # every file must have them
+        record_ids = _ids(batch, c.record_id, "record id")
+        subject_ids = _ids(batch, c.subject_id, "subject id")
+        labels = [str(v) for v in batch.column(batch.schema.get_field_index(c.label)).to_pylist()]
+        self.labels.update(labels)
+        self.hashes.append(_id_hash64(record_ids))
+        uris = None
+        if self.files is not None:
+            uris = _ids(batch, c.file, "file")
+            features = self.files.decode_all(uris)
+        else:
+            features = np.column_stack(
+                [
+                    batch.column(batch.schema.get_field_index(f))
+                    .to_numpy(zero_copy_only=False)
+                    .astype(np.float32)
+                    for f in self.features
+                ]
+            )
+        if self.num_features and features.shape[1] != self.num_features:
+            raise IngestError(
+                f"records have {features.shape[1]} features here and {self.num_features} "
+                "elsewhere (file-backed records: every file must decode to the same shape)"
+            )
+        self.num_features = features.shape[1]
+        is_test = np.fromiter(
+            (is_test_subject(s, cfg.test_fraction) for s in subject_ids), bool, len(subject_ids)
+        )
+        shard = np.fromiter(
+            (shard_of(s, cfg.shards) for s in subject_ids), np.int64, len(subject_ids)
+        )
+        slice_ = np.fromiter(
+            (slice_of(s, cfg.slices) for s in subject_ids), np.int64, len(subject_ids)
+        )
+        np.add.at(self.train_rows, shard[~is_test], 1)
+        group = np.where(is_test, -1, shard * cfg.slices + slice_)
+        rows = _spill_batch(record_ids, subject_ids, labels, features, uris)
+        for g in np.unique(group):
+            idx = np.flatnonzero(group == g)
+            key = TEST if g < 0 else (int(g) // cfg.slices, int(g) % cfg.slices)
+            self.spill.write(key, rows.take(pa.array(idx)))
+
+    def duplicates(self) -> int:
+        """How many record ids occur more than once (their 64-bit hashes collide first;
+        only then are the ids themselves compared, from the spill)."""
+        if not self.hashes:
+            return 0
+        h = np.sort(np.concatenate(self.hashes))
+        suspects = set(h[1:][h[1:] == h[:-1]].tolist())
+        if not suspects:
+            return 0
+        seen: dict[str, int] = {}
+        for key in self.spill.keys:
+            ids = self.spill.read(key, ["record_id"]).column(0).to_pylist()
+            for i, hv in zip(ids, _id_hash64(ids).tolist(), strict=True):
+                if hv in suspects:
+                    seen[i] = seen.get(i, 0) + 1
+        return sum(1 for n in seen.values() if n > 1)
+
+
+def _spill_batch(
+    record_ids: list[str],
+    subject_ids: list[str],
+    labels: list[str],
+    features: np.ndarray,
+    uris: list[str] | None,
+) -> pa.RecordBatch:
+    d = features.shape[1]
+    flat = pa.array(np.ascontiguousarray(features, dtype=np.float32).reshape(-1))
+    cols = {
+        "record_id": pa.array(record_ids, pa.string()),
+        "subject_id": pa.array(subject_ids, pa.string()),
+        "label": pa.array(labels, pa.string()),
+        "features": pa.FixedSizeListArray.from_arrays(flat, max(d, 1)),
+    }
+    if uris is not None:
+        cols["uri"] = pa.array(uris, pa.string())
+    return pa.RecordBatch.from_pydict(cols)
 
 
 def ingest_table(
@@ -173,7 +337,35 @@ def ingest_table(
     cfg: ModelConfig,
     owner: str | None = None,
 ) -> Generation:
-    """Shard, slice and write ``table`` as generation 1. Refuses before writing any
+    """Shard, slice and write an in-memory ``table`` as generation 1 (``ingest``)."""
+    return ingest(store, layout, cfg, table.to_batches(max_chunksize=BATCH_ROWS), owner)
+
+
+def ingest_source(
+    store: Store,
+    layout: ModelLayout,
+    cfg: ModelConfig,
+    owner: str | None = None,
+    *,
+    ray_data: bool = False,
+) -> Generation:
+    """Ingest the model's source (``cfg.source_uri``), streamed: see ``ingest``."""
+    return ingest(store, layout, cfg, read_batches(store, cfg, ray_data=ray_data), owner)
+
+
+def ingest(
+    store: Store,
+    layout: ModelLayout,
+    cfg: ModelConfig,
+    batches: Iterable[pa.RecordBatch],
+    owner: str | None = None,
+) -> Generation:
+    """Shard, slice and write the records of ``batches`` as generation 1.
+
+    Two passes, so memory is bounded by one batch plus the largest slice file (and
+    the test set, which evaluation reads whole), never by the dataset: the first
+    checks and spills each batch to local disk by (shard, slice), the second writes
+    each slice's content-addressed file from its spill. Refuses before writing any
     object if the model exists already, if ``owner`` differs from the layout's, or if
     a file would have bytes that an erasure purged (the source still holds erased
     people: patch the source, or erase them again after ingesting elsewhere)."""
@@ -181,88 +373,78 @@ def ingest_table(
     if store.exists(layout.current):
         raise FileExistsError(f"model already exists: s3://{store.bucket}/{layout.current}")
     check_owner(store, layout, owner)
-    if owner is not None and not store.put_json_if_absent(layout.owner, {"uid": owner}):
-        check_owner(store, layout, owner)
-    feature_cols = _check_columns(table, cfg)
-    c = cfg.columns
-    record_ids_col = _ids(table, c.record_id, "record id")
-    subject_ids_col = _ids(table, c.subject_id, "subject id")
-    _check_ids(record_ids_col, subject_ids_col)
-    record_ids = record_ids_col.to_pylist()
-    subject_ids = subject_ids_col.to_pylist()
-    labels_raw = [str(v) for v in table.column(c.label).to_pylist()]
-    classes = sorted(set(labels_raw), key=lambda v: (len(v), v))
-    class_of = {v: i for i, v in enumerate(classes)}
-    labels = np.fromiter((class_of[v] for v in labels_raw), np.int32, len(labels_raw))
-    features = np.column_stack(
-        [table.column(f).to_numpy().astype(np.float32) for f in feature_cols]
+    files = FileDecoder(store, cfg) if cfg.columns.file else None
+    with tempfile.TemporaryDirectory(prefix="lethe-ingest-") as tmp:
+        spill = _Spill(Path(tmp))
+        first = _Pass1(cfg, spill, files)
+        try:
+            for batch in batches:
+                first.add(batch)
+        except (SourceError, FileUnreadable) as e:
+            raise IngestError(str(e)) from None
+        finally:
+            spill.close()
+        if first.features is None:
+            raise IngestError("the dataset has no records")
+        dups = first.duplicates()
+        if dups:
+            # counts only: an error message goes to logs and Events, an id never does
+            raise IngestError(f"duplicate record ids: {dups} ids occur more than once")
+        empty = [k for k in range(cfg.shards) if not first.train_rows[k]]
+        if empty:
+            raise IngestError(
+                f"empty shard(s) {empty}: {int(first.train_rows.sum())} training records "
+                f"are too few for {cfg.shards} shards; use fewer shards"
+            )
+        classes = sorted(first.labels, key=lambda v: (len(v), v))
+        cfg = ModelConfig(
+            **{**cfg.__dict__, "num_features": first.num_features, "classes": tuple(classes)}
+        )
+        if cfg.trainer.input_shape and int(np.prod(cfg.trainer.input_shape)) != cfg.num_features:
+            raise IngestError(
+                f"trainer.input_shape {cfg.trainer.input_shape} does not match "
+                f"{cfg.num_features} features"
+            )
+        if owner is not None and not store.put_json_if_absent(layout.owner, {"uid": owner}):
+            check_owner(store, layout, owner)
+        try:
+            return _write_generation_1(store, layout, cfg, spill)
+        except dataio.Tombstoned as e:
+            raise IngestError(f"{e} (the dataset still holds erased people)") from None
+
+
+def _data_rows(spilled: pa.Table, class_of: dict[str, int]) -> pa.Table:
+    """A spilled table as a data file's rows: labels as class ids."""
+    labels = np.fromiter(
+        (class_of[v] for v in spilled.column("label").to_pylist()), np.int32, spilled.num_rows
     )
-    cfg = ModelConfig(
-        **{**cfg.__dict__, "num_features": len(feature_cols), "classes": tuple(classes)}
-    )
-    if cfg.trainer.input_shape and int(np.prod(cfg.trainer.input_shape)) != len(feature_cols):
-        raise IngestError(
-            f"trainer.input_shape {cfg.trainer.input_shape} does not match "
-            f"{len(feature_cols)} feature columns"
-        )
-
-    is_test = np.fromiter(
-        (is_test_subject(s, cfg.test_fraction) for s in subject_ids), bool, len(subject_ids)
-    )
-    shard = np.fromiter((shard_of(s, cfg.shards) for s in subject_ids), np.int64, len(subject_ids))
-    slice_ = np.fromiter((slice_of(s, cfg.slices) for s in subject_ids), np.int64, len(subject_ids))
-
-    def rows(mask: np.ndarray) -> pa.Table:
-        idx = np.flatnonzero(mask)
-        return dataio.data_table(
-            [record_ids[i] for i in idx], [subject_ids[i] for i in idx], labels[idx], features[idx]
-        )
-
-    empty = [k for k in range(cfg.shards) if not np.any((shard == k) & ~is_test)]
-    if empty:
-        raise IngestError(
-            f"empty shard(s) {empty}: {int((~is_test).sum())} training records "
-            f"are too few for {cfg.shards} shards; use fewer shards"
-        )
-
-    try:
-        return _write_generation_1(
-            store, layout, cfg, rows, shard, slice_, is_test, record_ids, subject_ids
-        )
-    except dataio.Tombstoned as e:
-        raise IngestError(f"{e} (the dataset still holds erased people)") from None
+    return dataio.with_label_ids(spilled, labels)
 
 
 def _write_generation_1(
-    store: Store,
-    layout: ModelLayout,
-    cfg: ModelConfig,
-    rows: Callable[[np.ndarray], pa.Table],
-    shard: np.ndarray,
-    slice_: np.ndarray,
-    is_test: np.ndarray,
-    record_ids: list[str],
-    subject_ids: list[str],
+    store: Store, layout: ModelLayout, cfg: ModelConfig, spill: _Spill
 ) -> Generation:
     fingerprint = cfg.trainer_fingerprint()
+    class_of = {v: i for i, v in enumerate(cfg.classes)}
     shards: list[ShardState] = []
     for k in range(cfg.shards):
         files: list[FileRef] = []
+        index_parts: list[pa.Table] = []
         for r in range(cfg.slices):
-            t = rows((shard == k) & (slice_ == r) & ~is_test)
+            t = _data_rows(spill.read((k, r)), class_of)
             files.append(
                 dataio.write_content_addressed(
                     store, t, lambda sha, k=k, r=r: layout.data(k, r, sha), layout.tombstone
                 )
             )
-        in_shard = np.flatnonzero((shard == k) & ~is_test)
+            index_parts.append(
+                t.select(["record_id", "subject_id"]).append_column(
+                    "slice", pa.array(np.full(t.num_rows, r, np.int32))
+                )
+            )
         index = dataio.write_content_addressed(
             store,
-            dataio.index_table(
-                [record_ids[i] for i in in_shard],
-                [subject_ids[i] for i in in_shard],
-                [int(slice_[i]) for i in in_shard],
-            ),
+            pa.concat_tables(index_parts),
             lambda sha, k=k: layout.index(k, sha),
             layout.tombstone,
         )
@@ -270,17 +452,13 @@ def _write_generation_1(
         shards.append(
             ShardState(index, [SliceState(f, lin) for f, lin in zip(files, lineages, strict=True)])
         )
-    test = dataio.write_content_addressed(store, rows(is_test), layout.test, layout.tombstone)
+    test = dataio.write_content_addressed(
+        store, _data_rows(spill.read(TEST), class_of), layout.test, layout.tombstone
+    )
     gen = Generation(number=1, parent=None, config=cfg, shards=shards, test=test, reason="ingest")
     gen = create_first(store, layout, gen)
     apply_source_policy_after_ingest(store, cfg)
     return gen
-
-
-def ingest_file(
-    store: Store, layout: ModelLayout, path: str | Path, cfg: ModelConfig
-) -> Generation:
-    return ingest_table(store, layout, read_dataset(path, cfg), cfg)
 
 
 __all__ = [
@@ -288,7 +466,8 @@ __all__ = [
     "ConfigError",
     "LayoutOwned",
     "check_owner",
-    "ingest_file",
+    "ingest",
+    "ingest_source",
     "ingest_table",
     "read_dataset",
 ]

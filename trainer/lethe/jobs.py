@@ -2,23 +2,83 @@
 
 The operator never imports torch: it prepares an erasure (plan, quarantine, patch),
 has the batch retrained on the Ray cluster, purges the erased rows meanwhile and
-finishes (purge, certify) when the retrain is done. ``train`` trains a newly ingested
-model. Both run on the Ray cluster, read S3 settings from the environment and are safe
-to run again. Their drivers do not import torch either: the training and the accuracy
-run on the cluster's warm retrain service (``lethe.warm``), which has it loaded. That
-service also runs ``retrain`` itself when the operator asks it over HTTP
-(``lethe.agent``): then a batch needs no job driver at all.
+finishes (purge, certify) when the retrain is done. ``ingest`` shards and slices a new
+model's dataset, streamed with Ray Data (the operator never reads it); ``train`` trains
+a newly ingested model. All run on the Ray cluster, read S3 settings from the
+environment and are safe to run again. Their drivers do not import torch either: the
+training and the accuracy run on the cluster's warm retrain service (``lethe.warm``),
+which has it loaded. That service also runs ``retrain`` itself when the operator asks
+it over HTTP (``lethe.agent``): then a batch needs no job driver at all.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import sys
 from typing import Any
 
+from lethe.core.config import ModelConfig
 from lethe.layout import ModelLayout
-from lethe.store import S3Settings, Store
+from lethe.store import NotFound, S3Settings, Store
+
+
+def request_ingest(store: Store, layout: ModelLayout, cfg: ModelConfig, owner: str) -> None:
+    """Say what an ingest job of ``layout`` ingests (before submitting it): a new
+    request replaces the last one and its error."""
+    store.put_json(layout.ingest_request, {"config": cfg.to_json(), "owner": owner})
+    store.purge(layout.ingest_error)
+
+
+def ingest_error(store: Store, layout: ModelLayout) -> str | None:
+    """Why the last ingest job refused its dataset, or None."""
+    try:
+        return str(store.get_json(layout.ingest_error)["message"])
+    except NotFound:
+        return None
+
+
+def ingest(store: Store, model_prefix: str) -> dict[str, Any]:
+    """Ingest a model's dataset as its request object says (``request_ingest``), read
+    with Ray Data on the cluster. A user error (bad columns, ids, an unreadable source)
+    is written where the submitter reads it, and the job fails."""
+    from lethe.core.config import ConfigError
+    from lethe.generations import read_live
+    from lethe.ingest import IngestError, ingest_source
+
+    layout = ModelLayout(model_prefix)
+    request = store.get_json(layout.ingest_request)
+    cfg = ModelConfig.from_json(request["config"])
+    ray_data = _ray_ready()
+    try:
+        gen = ingest_source(store, layout, cfg, request.get("owner"), ray_data=ray_data)
+    except FileExistsError:  # ingested by an earlier run of this job: done
+        gen = read_live(store, layout).generation
+    except (IngestError, ConfigError) as e:
+        store.put_json(layout.ingest_error, {"error": type(e).__name__, "message": str(e)})
+        raise
+    return {
+        "generation": gen.number,
+        "records": sum(s.rows for s in gen.shards),
+        "reader": "ray-data" if ray_data and cfg.source_uri.startswith("s3://") else "arrow",
+        # this process's peak memory (the reads of a Ray Data job run in their own)
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+def _ray_ready() -> bool:
+    """Ray Data reads when this process can reach a Ray cluster (a Ray job's driver)."""
+    try:
+        import ray
+    except ImportError:
+        return False
+    if not ray.is_initialized():
+        if not os.environ.get("RAY_ADDRESS"):
+            return False
+        ray.init(log_to_driver=False)
+    return True
 
 
 def retrain(store: Store, model_prefix: str, batch: str) -> dict[str, Any]:
@@ -45,7 +105,7 @@ def train(store: Store, model_prefix: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lethe.jobs")
-    p.add_argument("job", choices=["train", "retrain"])
+    p.add_argument("job", choices=["ingest", "train", "retrain"])
     p.add_argument("--model-prefix", required=True, help="PREFIX/MODEL in the bucket")
     p.add_argument("--batch", help="the erasure batch id (retrain)")
     args = p.parse_args(argv)
@@ -53,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("retrain needs --batch")
 
     store = Store(S3Settings.from_env())
-    if args.job == "train":
+    if args.job == "ingest":
+        out = ingest(store, args.model_prefix)
+    elif args.job == "train":
         out = train(store, args.model_prefix)
     else:
         out = retrain(store, args.model_prefix, args.batch)

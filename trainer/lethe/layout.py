@@ -107,6 +107,17 @@ class ModelLayout:
         return self._k(f"claims/shard={shard}/{lineage}.json")
 
     @property
+    def ingest_request(self) -> str:
+        """What an ingest job ingests (the model's configuration and owner), written by
+        whoever submits the job: a job's arguments stay short and hold no settings."""
+        return self._k("ingest/request.json")
+
+    @property
+    def ingest_error(self) -> str:
+        """Why the last ingest job refused the dataset (a user error, counts only)."""
+        return self._k("ingest/error.json")
+
+    @property
     def owner(self) -> str:
         """Who owns this layout (a ShardedModel's UID), written once at ingest."""
         return self._k("OWNER.json")

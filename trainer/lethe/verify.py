@@ -133,6 +133,7 @@ def verify(
     _verify_lineages(store, layout, live, v)
     _verify_checkpoints(store, layout, cert, v)
     _verify_deleted(store, layout, cert, v)
+    _verify_files(store, cert, keys, v)
     if cert.get("outcome") == "NothingHeld":
         v.notes.append(str(cert.get("summary", "nothing held")))
     return v
@@ -273,6 +274,24 @@ def _verify_checkpoints(
             v.fail(key, "a checkpoint without a lineage record (what was it trained on?)")
         except ValueError:
             v.fail(key, "its lineage record is unreadable")
+
+
+def _verify_files(store: Store, cert: dict[str, Any], keys: certs.Keys, v: Verdict) -> None:
+    """File-backed records: no version of any object in the buckets the certificate
+    names has a URI whose keyed hash is one of the erased files' (the certificate holds
+    hashes only: a URI may name a person)."""
+    files = cert.get("files") or {}
+    erased = set(files.get("hashes", []))
+    if not erased:
+        return
+    for bucket in files.get("buckets", []):
+        found = 0
+        for key, _version, is_marker in store.for_bucket(bucket).list_versions(""):
+            v.count("file object versions checked")
+            if not is_marker and keys.id_hash(f"s3://{bucket}/{key}") in erased:
+                found += 1
+        if found:
+            v.fail(f"files/{bucket}", f"{found} version(s) of erased records' files remain")
 
 
 def _verify_deleted(store: Store, layout: ModelLayout, cert: dict[str, Any], v: Verdict) -> None:

@@ -75,6 +75,9 @@ class Columns:
     subject_id: str = "subject_id"
     label: str = "label"
     features: tuple[str, ...] = ()  # empty: every other column
+    # File-backed records: a column of s3:// URIs (images) whose objects belong to the
+    # record. Their decoded pixels are the features; an erasure deletes the objects.
+    file: str = ""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,64 @@
+"""Dataset sources without a server: URI parsing, hive partitions, messages without ids,
+image decoding, streamed ingestion's spill."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from lethe.files import FileUnreadable, decode_image, split_uri
+from lethe.sources import Source, SourceError, _reason, partition_fields
+
+
+def test_a_uri_says_what_it_is() -> None:
+    assert Source.parse("builtin:digits").kind == "builtin"
+    one = Source.parse("s3://b/data/x.csv", "csv")
+    assert (one.kind, one.bucket, one.key, one.is_prefix) == ("s3", "b", "data/x.csv", False)
+    prefix = Source.parse("s3://b/data/", "parquet")
+    assert prefix.is_prefix and prefix.uri == "s3://b/data/"
+    assert Source.parse("/tmp/x.parquet").kind == "local"
+    with pytest.raises(SourceError, match="dataset.format: 'xlsx'"):
+        Source.parse("s3://b/k", "xlsx")
+    with pytest.raises(SourceError, match="dataset.uri"):
+        Source.parse("s3://b/", "parquet")
+
+
+def test_hive_partitions_are_the_key_value_directories() -> None:
+    keys = ["b/p/year=2024/label=a/x.parquet", "b/p/year=2025/label=b/y.parquet", "b/p/z.parquet"]
+    assert partition_fields("b/p/", keys) == ["year", "label"]
+    assert partition_fields("b/p/", ["b/p/plain/x.parquet"]) == []
+
+
+def test_an_arrow_error_loses_the_row_it_quotes() -> None:
+    e = pa.ArrowInvalid("CSV parse error: Expected 4 columns, got 3: r2,subj-secret-43,b")
+    assert _reason(e) == "CSV parse error: Expected 4 columns, got 3"
+    assert "secret" not in _reason(pa.ArrowInvalid('JSON parse error: bad: {"id": "secret"}'))
+
+
+def _png(pixels: np.ndarray, mode: str = "L") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_images_decode_to_scaled_channels_first_pixels() -> None:
+    gray = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    x = decode_image(_png(gray), ())
+    assert x.shape == (64,) and x.dtype == np.float32
+    assert np.allclose(x, gray.reshape(-1) / 255.0)
+    assert decode_image(_png(gray), (1, 4, 4)).shape == (16,)  # resized
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[..., 0] = 255
+    x = decode_image(_png(rgb, "RGB"), (3, 8, 8))
+    assert x.shape == (192,) and x[:64].min() == 1.0 and x[64:].max() == 0.0  # red plane first
+
+
+def test_a_file_uri_must_be_s3() -> None:
+    assert split_uri("s3://b/people/a.png") == ("b", "people/a.png")
+    for bad in ("http://b/a.png", "s3://b", "s3:///a.png"):
+        with pytest.raises(FileUnreadable, match="file column"):
+            split_uri(bad)

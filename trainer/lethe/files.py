@@ -1,0 +1,101 @@
+"""File-backed records: a record whose content is an object in S3 (an image), named by
+an ``s3://bucket/key`` URI in the dataset's file column (``columns.file``).
+
+At ingest the objects are fetched and decoded into the record's features (images built
+in: grayscale, or RGB for a 3-channel ``trainer.input_shape``, resized to its height and
+width, scaled to [0, 1]); the URI stays in the record's data file. An erasure reads
+the URIs of the rows it drops and deletes those objects with every version; the
+certificate keeps their keyed hashes (a URI may name a person), which ``verify``
+checks against every object version of the buckets it names.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from lethe.core.config import ModelConfig
+from lethe.errors import UserError
+from lethe.store import NotFound, Store
+
+FETCH_THREADS = 8
+
+
+class FileUnreadable(UserError, ValueError):
+    """A record's file cannot be fetched or decoded; the message counts, never names."""
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/key`` -> (bucket, key)."""
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    if not uri.startswith("s3://") or not bucket or not key:
+        raise FileUnreadable("file column: every value must be an s3://bucket/key URI")
+    return bucket, key
+
+
+def decode_image(body: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    """An image's pixels as float32 in [0, 1], channels first, flattened. ``shape``
+    (C, H, W) or (H, W) resizes; () keeps the image's own size, grayscale."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(body)) as img:
+        channels = shape[0] if len(shape) == 3 else 1
+        img = img.convert("RGB" if channels == 3 else "L")
+        if len(shape) >= 2 and img.size != (shape[-1], shape[-2]):
+            img = img.resize((shape[-1], shape[-2]))
+        pixels = np.asarray(img, dtype=np.float32) / 255.0
+    if pixels.ndim == 3:
+        pixels = pixels.transpose(2, 0, 1)
+    return pixels.reshape(-1)
+
+
+class FileDecoder:
+    """Fetches and decodes the files of a batch of records (in threads: S3 latency,
+    not CPU, is what a small image costs)."""
+
+    def __init__(self, store: Store, cfg: ModelConfig) -> None:
+        self.store = store
+        self.shape = tuple(cfg.trainer.input_shape)
+        self._buckets: dict[str, Store] = {}
+
+    def _fetch(self, uri: str) -> bytes:
+        bucket, key = split_uri(uri)
+        if bucket not in self._buckets:
+            self._buckets[bucket] = self.store.for_bucket(bucket)
+        return self._buckets[bucket].get(key)
+
+    def _one(self, uri: str) -> np.ndarray:
+        try:
+            return decode_image(self._fetch(uri), self.shape)
+        except NotFound:
+            raise FileUnreadable("file column: a record's file does not exist") from None
+        except (OSError, ValueError) as e:
+            if isinstance(e, FileUnreadable):
+                raise
+            raise FileUnreadable(f"file column: a record's file is not an image ({e})") from None
+
+    def decode_all(self, uris: list[str]) -> np.ndarray:
+        with ThreadPoolExecutor(FETCH_THREADS) as pool:
+            pixels = list(pool.map(self._one, uris))
+        sizes = {p.size for p in pixels}
+        if len(sizes) > 1:
+            raise FileUnreadable(
+                f"file column: images decode to {len(sizes)} different sizes; set "
+                "trainer.inputShape to resize them to one"
+            )
+        return np.stack(pixels) if pixels else np.zeros((0, 0), np.float32)
+
+
+def purge_files(store: Store, uris: Iterable[str]) -> dict[str, int]:
+    """Delete every version of the objects ``uris`` name; returns versions per URI."""
+    out: dict[str, int] = {}
+    buckets: dict[str, Store] = {}
+    for uri in sorted(set(uris)):
+        bucket, key = split_uri(uri)
+        if bucket not in buckets:
+            buckets[bucket] = store.for_bucket(bucket)
+        out[uri] = buckets[bucket].purge(key)
+    return out

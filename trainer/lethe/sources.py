@@ -1,0 +1,304 @@
+"""Where a model's records come from, read as a stream of record batches.
+
+A source is ``builtin:NAME``, one object (``s3://bucket/key``), every object under a
+prefix (``s3://bucket/prefix/``, hive partitions ``k=v`` in the keys become string
+columns), or a local file or directory (the CLI). Formats: Parquet, CSV, JSON lines.
+Ids are read as strings, always: type inference would turn '000042' into 42, and
+then erasing by the real id would find nothing.
+
+Two readers give the same batches: pyarrow's dataset scanner (the CLI and in-process
+callers) and Ray Data (an ingest job on the Ray cluster: the reads run as Ray tasks,
+streamed to the job with Ray Data's back-pressure). Neither ever holds the dataset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+
+from lethe.core.config import ModelConfig
+from lethe.errors import UserError
+from lethe.store import S3Settings, Store
+
+FORMATS = ("parquet", "csv", "jsonl")
+SUFFIXES = {"parquet": (".parquet", ".parq"), "csv": (".csv", ".txt"), "jsonl": (".jsonl", ".json")}
+BATCH_ROWS = 65_536  # rows per batch read: what ingestion holds at once, besides a slice
+
+
+class SourceError(UserError, ValueError):
+    """The source cannot be read; the message names the setting or object."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """A parsed dataset URI: ``kind`` builtin | s3 | local; ``bucket``/``key`` for s3
+    (``key`` ends with '/' for a prefix); ``path`` for local; ``name`` for builtin."""
+
+    kind: str
+    fmt: str
+    bucket: str = ""
+    key: str = ""
+    path: str = ""
+    name: str = ""
+
+    @classmethod
+    def parse(cls, uri: str, fmt: str = "parquet") -> Source:
+        if fmt not in FORMATS:
+            raise SourceError(f"dataset.format: {fmt!r} is not one of {', '.join(FORMATS)}")
+        if uri.startswith("builtin:"):
+            return cls("builtin", fmt, name=uri.removeprefix("builtin:"))
+        if uri.startswith("s3://"):
+            bucket, _, key = uri.removeprefix("s3://").partition("/")
+            if not bucket or not key:
+                raise SourceError(f"dataset.uri: {uri!r} needs a bucket and a key")
+            return cls("s3", fmt, bucket=bucket, key=key)
+        if not uri:
+            raise SourceError("dataset.uri: required")
+        return cls("local", fmt, path=uri)
+
+    @property
+    def is_prefix(self) -> bool:
+        return self.kind == "s3" and self.key.endswith("/")
+
+    @property
+    def uri(self) -> str:
+        return {
+            "builtin": f"builtin:{self.name}",
+            "s3": f"s3://{self.bucket}/{self.key}",
+        }.get(self.kind, self.path)
+
+
+def source_of(cfg: ModelConfig) -> Source:
+    return Source.parse(cfg.source_uri, cfg.source_format)
+
+
+def object_keys(store: Store, src: Source) -> list[str]:
+    """The S3 objects that make up ``src``: the object itself, or every object under the
+    prefix whose name has the format's suffix (sorted; names starting with '_' or '.',
+    such as ``_SUCCESS``, are not data)."""
+    if src.kind != "s3":
+        return []
+    if not src.is_prefix:
+        return [src.key]
+    keys = sorted(
+        k
+        for k in store.for_bucket(src.bucket).list_keys(src.key)
+        if k.endswith(SUFFIXES[src.fmt]) and not k.rsplit("/", 1)[-1].startswith(("_", "."))
+    )
+    return keys
+
+
+def partition_fields(base: str, keys: list[str]) -> list[str]:
+    """The hive partition names (``k=v`` directories) between ``base`` and the files."""
+    names: list[str] = []
+    for key in keys:
+        for segment in key.removeprefix(base).split("/")[:-1]:
+            name, eq, _ = segment.partition("=")
+            if eq and name and name not in names:
+                names.append(name)
+    return names
+
+
+def arrow_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
+    endpoint = settings.endpoint or ""
+    scheme = "http" if endpoint.startswith("http://") else "https"
+    return pafs.S3FileSystem(
+        access_key=settings.access_key,
+        secret_key=settings.secret_key,
+        region=settings.region,
+        endpoint_override=endpoint.split("://", 1)[-1] or None,
+        scheme=scheme,
+        # an endpoint that does not answer fails in seconds (as the boto3 client does)
+        connect_timeout=10,
+    )
+
+
+def _id_types(cfg: ModelConfig) -> dict[str, pa.DataType]:
+    c = cfg.columns
+    out = {c.record_id: pa.string(), c.subject_id: pa.string(), c.label: pa.string()}
+    if c.file:
+        out[c.file] = pa.string()
+    return out
+
+
+def csv_convert_options(cfg: ModelConfig | None) -> pacsv.ConvertOptions:
+    return pacsv.ConvertOptions(column_types=_id_types(cfg) if cfg else {})
+
+
+def _file_format(cfg: ModelConfig, fmt: str) -> pads.FileFormat:
+    if fmt == "csv":
+        return pads.CsvFileFormat(convert_options=csv_convert_options(cfg))
+    if fmt == "jsonl":
+        return pads.JsonFileFormat()
+    return pads.ParquetFileFormat()
+
+
+def _local_files(src: Source) -> tuple[list[str], str]:
+    p = Path(src.path)
+    if not p.exists():
+        raise SourceError(f"dataset not found: {p}")
+    if p.is_dir():
+        files = sorted(
+            str(f)
+            for f in p.rglob("*")
+            if f.is_file()
+            and f.name.endswith(SUFFIXES[src.fmt])
+            and not f.name.startswith(("_", "."))
+        )
+        return files, str(p).rstrip("/") + "/"
+    return [str(p)], ""
+
+
+def _open(
+    files: list[str],
+    filesystem: pafs.FileSystem,
+    cfg: ModelConfig,
+    fmt: str,
+    base: str,
+    names: list[str],
+) -> pads.Dataset:
+    """Files as one dataset; hive partition values are strings, as ids are."""
+    partitioning = (
+        pads.partitioning(pa.schema([(n, pa.string()) for n in names]), flavor="hive")
+        if names
+        else None
+    )
+    return pads.dataset(
+        files,
+        filesystem=filesystem,
+        format=_file_format(cfg, fmt),
+        partitioning=partitioning,
+        partition_base_dir=base or None,
+    )
+
+
+def _arrow_dataset(store: Store, src: Source, cfg: ModelConfig) -> pads.Dataset:
+    if src.kind == "local":
+        files, base = _local_files(src)
+        filesystem: pafs.FileSystem = pafs.LocalFileSystem()
+    else:
+        keys = object_keys(store, src)
+        files = [f"{src.bucket}/{k}" for k in keys]
+        base = f"{src.bucket}/{src.key}" if src.is_prefix else ""
+        filesystem = arrow_filesystem(store.settings)
+    if not files:
+        raise SourceError(f"dataset.uri: no {src.fmt} files at {src.uri}")
+    names = partition_fields(base, files) if base else []
+    try:
+        return _open(files, filesystem, cfg, src.fmt, base, names)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise SourceError(f"dataset {src.uri}: cannot read it as {src.fmt}: {_reason(e)}") from None
+
+
+def _with_string_ids(batch: pa.RecordBatch, cfg: ModelConfig) -> pa.RecordBatch:
+    """JSON has no way to say a number is a string id: cast integer ids to strings."""
+    types = _id_types(cfg)
+    cols = []
+    for name, col in zip(batch.schema.names, batch.columns, strict=True):
+        if name in types and pa.types.is_integer(col.type):
+            col = col.cast(pa.string())
+        cols.append(col)
+    return pa.RecordBatch.from_arrays(cols, names=batch.schema.names)
+
+
+def read_batches(
+    store: Store | None, cfg: ModelConfig, *, ray_data: bool = False, rows: int = BATCH_ROWS
+) -> Iterator[pa.RecordBatch]:
+    """The source's records, ``rows`` at a time; ``ray_data``: read on the Ray cluster."""
+    src = source_of(cfg)
+    if src.kind == "builtin":
+        from lethe.datasets import builtin
+
+        try:
+            table = builtin(src.name)
+        except ValueError as e:
+            raise SourceError(f"dataset.uri: {e}") from None
+        yield from table.to_batches(max_chunksize=rows)
+        return
+    if src.kind == "s3" and store is None:
+        raise SourceError("dataset.uri: an s3:// source needs S3 settings")
+    if ray_data and src.kind == "s3":
+        assert store is not None
+        batches = _ray_data_batches(store, src, cfg, rows)
+    else:
+        dataset = _arrow_dataset(store, src, cfg)  # type: ignore[arg-type]
+        batches = dataset.to_batches(batch_size=rows)
+    try:
+        for batch in batches:
+            if batch.num_rows:
+                yield _with_string_ids(batch, cfg)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise SourceError(f"dataset {src.uri}: cannot read it as {src.fmt}: {_reason(e)}") from None
+
+
+def _reason(e: Exception) -> str:
+    """An Arrow error without the text it quotes: a CSV or JSON parse error ends with
+    the offending row, and a row holds ids, which never go into a message."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    head, _, rest = first.partition(": ")
+    return f"{head}: {rest.split(':', 1)[0]}" if rest else head
+
+
+def _ray_data_batches(
+    store: Store, src: Source, cfg: ModelConfig, rows: int
+) -> Iterator[pa.RecordBatch]:
+    """Ray Data, one read task per file, two at a time, streamed to this process.
+
+    The tasks take no CPU: reads wait on S3, and idle warm lanes may hold every CPU of
+    the cluster (Ray Data's own file readers list files in a CPU task first, which
+    then waits for a lane's TTL)."""
+    import ray.data
+
+    keys = object_keys(store, src)
+    if not keys:
+        raise SourceError(f"dataset.uri: no {src.fmt} files at {src.uri}")
+    paths = [f"{src.bucket}/{k}" for k in keys]
+    base = f"{src.bucket}/{src.key}" if src.is_prefix else ""
+    ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
+    ds = ds.map_batches(
+        _read_files,
+        fn_kwargs={
+            "settings": store.settings,
+            "cfg": cfg,
+            "fmt": src.fmt,
+            "base": base,
+            "names": partition_fields(base, paths) if base else [],
+            "rows": rows,
+        },
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=0,
+        compute=ray.data.TaskPoolStrategy(size=2),
+    )
+    try:
+        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            yield from table.to_batches(max_chunksize=rows)
+    except Exception as e:  # a read task's error arrives wrapped in Ray's
+        cause = getattr(e, "cause", None) or e
+        raise SourceError(
+            f"dataset {src.uri}: cannot read it as {src.fmt}: {_reason(cause)}"
+        ) from None
+
+
+def _read_files(
+    batch: pa.Table,
+    settings: S3Settings,
+    cfg: ModelConfig,
+    fmt: str,
+    base: str,
+    names: list[str],
+    rows: int,
+) -> Iterator[pa.Table]:
+    """A Ray Data task: the files of ``batch`` (their paths), ``rows`` at a time."""
+    filesystem = arrow_filesystem(settings)
+    for path in batch.column("path").to_pylist():
+        dataset = _open([path], filesystem, cfg, fmt, base, names)
+        for b in dataset.to_batches(batch_size=rows):
+            if b.num_rows:
+                yield pa.Table.from_batches([b])
