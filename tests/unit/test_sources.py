@@ -1,5 +1,4 @@
-"""Dataset sources without a server: URI parsing, hive partitions, messages without ids,
-image decoding, streamed ingestion's spill."""
+"""Dataset sources without a server: URI parsing, messages without ids, image decoding."""
 
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ import pytest
 from PIL import Image
 
 from lethe.files import FileUnreadable, decode_image, split_uri
-from lethe.sources import Source, SourceError, _reason, partition_fields
+from lethe.sources import Source, SourceError, _reason
 
 
 def test_a_uri_says_what_it_is() -> None:
@@ -25,12 +24,6 @@ def test_a_uri_says_what_it_is() -> None:
         Source.parse("s3://b/k", "xlsx")
     with pytest.raises(SourceError, match="dataset.uri"):
         Source.parse("s3://b/", "parquet")
-
-
-def test_hive_partitions_are_the_key_value_directories() -> None:
-    keys = ["b/p/year=2024/label=a/x.parquet", "b/p/year=2025/label=b/y.parquet", "b/p/z.parquet"]
-    assert partition_fields("b/p/", keys) == ["year", "label"]
-    assert partition_fields("b/p/", ["b/p/plain/x.parquet"]) == []
 
 
 def test_an_arrow_error_loses_the_row_it_quotes() -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 from typing import Any
 
@@ -47,6 +46,7 @@ def ingest(store: Store, model_prefix: str) -> dict[str, Any]:
     from lethe.core.config import ConfigError
     from lethe.generations import read_live
     from lethe.ingest import IngestError, ingest_source
+    from lethe.training import peak_rss_bytes
 
     layout = ModelLayout(model_prefix)
     request = store.get_json(layout.ingest_request)
@@ -64,7 +64,7 @@ def ingest(store: Store, model_prefix: str) -> dict[str, Any]:
         "records": sum(s.rows for s in gen.shards),
         "reader": "ray-data" if ray_data and cfg.source_uri.startswith("s3://") else "arrow",
         # this process's peak memory (the reads of a Ray Data job run in their own)
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
     }
 
 

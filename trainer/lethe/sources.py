@@ -6,14 +6,14 @@ columns), or a local file or directory (the CLI). Formats: Parquet, CSV, JSON li
 Ids are read as strings, always: type inference would turn '000042' into 42, and
 then erasing by the real id would find nothing.
 
-Two readers give the same batches: pyarrow's dataset scanner (the CLI and in-process
-callers) and Ray Data (an ingest job on the Ray cluster: the reads run as Ray tasks,
+Two readers give the same batches: Arrow's file readers in this process (the CLI and
+in-process callers) and Ray Data (an ingest job on the Ray cluster: the reads run as Ray tasks,
 streamed to the job with Ray Data's back-pressure). Neither ever holds the dataset.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from lethe.core.config import ModelConfig
 from lethe.errors import UserError
@@ -29,6 +30,9 @@ from lethe.store import S3Settings, Store
 FORMATS = ("parquet", "csv", "jsonl")
 SUFFIXES = {"parquet": (".parquet", ".parq"), "csv": (".csv", ".txt"), "jsonl": (".jsonl", ".json")}
 BATCH_ROWS = 65_536  # rows per batch read: what ingestion holds at once, besides a slice
+# JSON lines go through Arrow's dataset scanner, which reads ahead 4 files and 16
+# batches by default: one of each
+READAHEAD = {"fragment_readahead": 1, "batch_readahead": 1}
 
 
 class SourceError(UserError, ValueError):
@@ -94,17 +98,6 @@ def object_keys(store: Store, src: Source) -> list[str]:
     return keys
 
 
-def partition_fields(base: str, keys: list[str]) -> list[str]:
-    """The hive partition names (``k=v`` directories) between ``base`` and the files."""
-    names: list[str] = []
-    for key in keys:
-        for segment in key.removeprefix(base).split("/")[:-1]:
-            name, eq, _ = segment.partition("=")
-            if eq and name and name not in names:
-                names.append(name)
-    return names
-
-
 def arrow_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
     endpoint = settings.endpoint or ""
     scheme = "http" if endpoint.startswith("http://") else "https"
@@ -131,14 +124,6 @@ def csv_convert_options(cfg: ModelConfig | None) -> pacsv.ConvertOptions:
     return pacsv.ConvertOptions(column_types=_id_types(cfg) if cfg else {})
 
 
-def _file_format(cfg: ModelConfig, fmt: str) -> pads.FileFormat:
-    if fmt == "csv":
-        return pads.CsvFileFormat(convert_options=csv_convert_options(cfg))
-    if fmt == "jsonl":
-        return pads.JsonFileFormat()
-    return pads.ParquetFileFormat()
-
-
 def _local_files(src: Source) -> tuple[list[str], str]:
     p = Path(src.path)
     if not p.exists():
@@ -155,45 +140,52 @@ def _local_files(src: Source) -> tuple[list[str], str]:
     return [str(p)], ""
 
 
-def _open(
-    files: list[str],
-    filesystem: pafs.FileSystem,
-    cfg: ModelConfig,
-    fmt: str,
-    base: str,
-    names: list[str],
-) -> pads.Dataset:
-    """Files as one dataset; hive partition values are strings, as ids are."""
-    partitioning = (
-        pads.partitioning(pa.schema([(n, pa.string()) for n in names]), flavor="hive")
-        if names
-        else None
-    )
-    return pads.dataset(
-        files,
-        filesystem=filesystem,
-        format=_file_format(cfg, fmt),
-        partitioning=partitioning,
-        partition_base_dir=base or None,
-    )
+def _file_batches(
+    filesystem: pafs.FileSystem, path: str, cfg: ModelConfig, fmt: str, base: str, rows: int
+) -> Iterator[pa.RecordBatch]:
+    """One file's records, ``rows`` at a time, with its hive partition values (``k=v``
+    directories below ``base``) as string columns. Parquet is read a row group at a
+    time and CSV a block at a time, so a read holds one of them."""
+    parts = [
+        segment.partition("=")[::2]
+        for segment in path.removeprefix(base).split("/")[:-1]
+        if base and "=" in segment
+    ]
+    if fmt == "parquet":
+        with filesystem.open_input_file(path) as f:
+            yield from _with_columns(pq.ParquetFile(f).iter_batches(batch_size=rows), parts)
+    elif fmt == "csv":
+        with filesystem.open_input_stream(path) as f:
+            reader = pacsv.open_csv(f, convert_options=csv_convert_options(cfg))
+            yield from _with_columns(reader, parts)
+    else:  # JSON lines: Arrow has no streaming reader; one file at a time
+        dataset = pads.dataset([path], filesystem=filesystem, format="json")
+        yield from _with_columns(dataset.to_batches(batch_size=rows, **READAHEAD), parts)
 
 
-def _arrow_dataset(store: Store, src: Source, cfg: ModelConfig) -> pads.Dataset:
+def _with_columns(
+    batches: Iterable[pa.RecordBatch], parts: list[tuple[str, str]]
+) -> Iterator[pa.RecordBatch]:
+    for b in batches:
+        for name, value in parts:
+            if name not in b.schema.names:
+                b = b.append_column(name, pa.array([value] * b.num_rows, pa.string()))
+        yield b
+
+
+def _files(store: Store | None, src: Source) -> tuple[pafs.FileSystem, list[str], str]:
+    """The filesystem, the files and the partitions' base of a local or s3 source."""
     if src.kind == "local":
         files, base = _local_files(src)
         filesystem: pafs.FileSystem = pafs.LocalFileSystem()
     else:
-        keys = object_keys(store, src)
-        files = [f"{src.bucket}/{k}" for k in keys]
+        assert store is not None
+        files = [f"{src.bucket}/{k}" for k in object_keys(store, src)]
         base = f"{src.bucket}/{src.key}" if src.is_prefix else ""
         filesystem = arrow_filesystem(store.settings)
     if not files:
         raise SourceError(f"dataset.uri: no {src.fmt} files at {src.uri}")
-    names = partition_fields(base, files) if base else []
-    try:
-        return _open(files, filesystem, cfg, src.fmt, base, names)
-    except (OSError, pa.ArrowInvalid) as e:
-        raise SourceError(f"dataset {src.uri}: cannot read it as {src.fmt}: {_reason(e)}") from None
+    return filesystem, files, base
 
 
 def _with_string_ids(batch: pa.RecordBatch, cfg: ModelConfig) -> pa.RecordBatch:
@@ -225,10 +217,12 @@ def read_batches(
         raise SourceError("dataset.uri: an s3:// source needs S3 settings")
     if ray_data and src.kind == "s3":
         assert store is not None
-        batches = _ray_data_batches(store, src, cfg, rows)
+        batches: Iterable[pa.RecordBatch] = _ray_data_batches(store, src, cfg, rows)
     else:
-        dataset = _arrow_dataset(store, src, cfg)  # type: ignore[arg-type]
-        batches = dataset.to_batches(batch_size=rows)
+        filesystem, files, base = _files(store, src)
+        batches = (
+            b for path in files for b in _file_batches(filesystem, path, cfg, src.fmt, base, rows)
+        )
     try:
         for batch in batches:
             if batch.num_rows:
@@ -255,11 +249,7 @@ def _ray_data_batches(
     then waits for a lane's TTL)."""
     import ray.data
 
-    keys = object_keys(store, src)
-    if not keys:
-        raise SourceError(f"dataset.uri: no {src.fmt} files at {src.uri}")
-    paths = [f"{src.bucket}/{k}" for k in keys]
-    base = f"{src.bucket}/{src.key}" if src.is_prefix else ""
+    _, paths, base = _files(store, src)
     ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
     ds = ds.map_batches(
         _read_files,
@@ -268,7 +258,6 @@ def _ray_data_batches(
             "cfg": cfg,
             "fmt": src.fmt,
             "base": base,
-            "names": partition_fields(base, paths) if base else [],
             "rows": rows,
         },
         batch_size=1,
@@ -287,18 +276,11 @@ def _ray_data_batches(
 
 
 def _read_files(
-    batch: pa.Table,
-    settings: S3Settings,
-    cfg: ModelConfig,
-    fmt: str,
-    base: str,
-    names: list[str],
-    rows: int,
+    batch: pa.Table, settings: S3Settings, cfg: ModelConfig, fmt: str, base: str, rows: int
 ) -> Iterator[pa.Table]:
     """A Ray Data task: the files of ``batch`` (their paths), ``rows`` at a time."""
     filesystem = arrow_filesystem(settings)
     for path in batch.column("path").to_pylist():
-        dataset = _open([path], filesystem, cfg, fmt, base, names)
-        for b in dataset.to_batches(batch_size=rows):
+        for b in _file_batches(filesystem, path, cfg, fmt, base, rows):
             if b.num_rows:
                 yield pa.Table.from_batches([b])

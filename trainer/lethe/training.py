@@ -102,7 +102,9 @@ def _purged_meanwhile(store: Store, task: ShardTask, upto: int) -> bool:
     return any(store.exists(f"{task.tombstones_prefix}{sha}.json") for sha in sorted(shas))
 
 
-def _peak_rss() -> int:
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory since it started its program (Linux
+    VmHWM; ``getrusage``'s maxrss also counts what a forking parent held); 0 elsewhere."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -238,14 +240,14 @@ def train_shard(
                 updated_at=time.time(),
                 slices_trained=trained,
                 train_seconds=train_seconds,
-                peak_rss_bytes=_peak_rss(),
+                peak_rss_bytes=peak_rss_bytes(),
                 finished=False,
             )
         metrics = {
             "slice": r,
             "train_seconds": train_seconds,
             "train_cpu_seconds": train_cpu,
-            "peak_rss": _peak_rss(),
+            "peak_rss": peak_rss_bytes(),
             "slices_trained": trained,
         }
         report(metrics, r == cfg.slices - 1)
