@@ -134,3 +134,68 @@ def test_unreadable_sources_name_the_setting_and_no_id(store: Store, source: Sto
         )
     assert "cannot read it as csv" in str(e.value) and "secret" not in str(e.value)
     assert not store.exists(ModelLayout.of(name).current)
+
+
+def test_two_ingest_jobs_at_once_make_one_model(store: Store, source: Store) -> None:
+    """Attempt n and n+1 of an ingest job running together (an operator that retried
+    while the first was still alive), then a third run after both: one generation 1,
+    readable, and every run reports it."""
+    import os
+    import subprocess
+    import sys
+
+    from lethe import jobs
+
+    root = unique_model("twice")
+    _put_parquet(source, f"{root}/data.parquet", _table())
+    name = f"{root}-m"
+    layout = ModelLayout.of(name)
+    cfg = replace(small_config(name), source_uri=f"s3://lethe-sources/{root}/data.parquet")
+    jobs.request_ingest(store, layout, cfg, owner="uid-1")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | store.settings.env()
+    cmd = [sys.executable, "-m", "lethe.jobs", "ingest", "--model-prefix", layout.prefix]
+
+    def start() -> subprocess.Popen[str]:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
+
+    runs = []
+    for proc in [start(), start()] + [None]:  # two at once, then one more after both
+        proc = proc or start()
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0
+        runs.append(json.loads(out.strip().splitlines()[-1]))
+    assert [r["generation"] for r in runs] == [1, 1, 1]
+    assert len({r["records"] for r in runs}) == 1
+    assert read_live(store, layout).generation.number == 1
+    assert store.get_json(layout.owner)["uid"] == "uid-1"
+
+
+def test_a_file_deleted_behind_lethes_back_refuses_the_dataset(store: Store, source: Store) -> None:
+    """A file-backed record whose image is gone: the ingest is refused with a message
+    that names the column (never the record or its URI), and nothing is written."""
+    import numpy as np
+    from PIL import Image
+
+    root = unique_model("files")
+    table = small_table(subjects=20, per_subject=2)
+    uris = []
+    for i, rid in enumerate(table.column("record_id").to_pylist()):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((4, 4), i % 255, np.uint8), "L").save(buf, "PNG")
+        key = f"{root}/img/{rid}.png"
+        source.put(key, buf.getvalue())
+        uris.append(f"s3://lethe-sources/{key}")
+    refs = table.select(["record_id", "subject_id", "label"]).append_column("image", pa.array(uris))
+    _put_parquet(source, f"{root}/refs.parquet", refs)
+    source.purge(uris[5].split("/", 3)[3])  # deleted, every version
+    name = f"{root}-m"
+    cfg = small_config(name)
+    cfg = replace(
+        cfg,
+        columns=replace(cfg.columns, file="image"),
+        source_uri=f"s3://lethe-sources/{root}/refs.parquet",
+    )
+    with pytest.raises(IngestError, match="file column: a record's file does not exist") as e:
+        ingest_source(store, ModelLayout.of(name), cfg)
+    assert "rec-" not in str(e.value) and "img/" not in str(e.value)
+    assert not store.exists(ModelLayout.of(name).current)

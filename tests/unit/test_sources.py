@@ -55,3 +55,20 @@ def test_a_file_uri_must_be_s3() -> None:
     for bad in ("http://b/a.png", "s3://b", "s3:///a.png"):
         with pytest.raises(FileUnreadable, match="file column"):
             split_uri(bad)
+
+
+def test_a_record_may_not_name_a_file_outside_its_datasets_bucket() -> None:
+    """The ingest job reads with the cluster's keys: a tenant's dataset may not pull in
+    (or, at erasure, delete) another bucket's objects. Refused before any fetch."""
+    from lethe.core.config import ModelConfig
+    from lethe.files import FileDecoder
+
+    class NoStore:
+        def for_bucket(self, bucket: str) -> None:
+            raise AssertionError("fetched")
+
+    cfg = ModelConfig(name="m", shards=1, slices=1, source_uri="s3://tenant-a/refs/")
+    decoder = FileDecoder(NoStore(), cfg)  # type: ignore[arg-type]
+    with pytest.raises(FileUnreadable, match="dataset's bucket 'tenant-a'") as e:
+        decoder.decode_all(["s3://tenant-b/people/person-0042.png"])
+    assert "person-0042" not in str(e.value)

@@ -60,9 +60,17 @@ class FileDecoder:
         self.store = store
         self.shape = tuple(cfg.trainer.input_shape)
         self._buckets: dict[str, Store] = {}
+        # An ingest job reads with the cluster's keys, not the tenant's: a record may
+        # only name a file in its dataset's own bucket, never another tenant's.
+        src = cfg.source_uri
+        self.bucket = src.removeprefix("s3://").partition("/")[0] if src.startswith("s3://") else ""
 
     def _fetch(self, uri: str) -> bytes:
         bucket, key = split_uri(uri)
+        if self.bucket and bucket != self.bucket:
+            raise FileUnreadable(
+                f"file column: every file must be in the dataset's bucket {self.bucket!r}"
+            )
         if bucket not in self._buckets:
             self._buckets[bucket] = self.store.for_bucket(bucket)
         return self._buckets[bucket].get(key)
