@@ -276,6 +276,47 @@ def test_source_policy(store: Store, trainer: RayTrainer, policy: str) -> None:
     assert left.num_rows == table.num_rows - 6
 
 
+def test_source_policy_patch_over_a_prefix(store: Store, trainer: RayTrainer) -> None:
+    """``patch`` on a source prefix: every file under it is rewritten without the rows
+    and keeps one version (older versions held them too); a file without them keeps its
+    bytes; files that are not data are left alone."""
+    table = small_table(subjects=40, seed=8)
+    name = unique_model("src-prefix")
+    half = table.num_rows // 2
+    keys = [f"sources/{name}/part-{i}.parquet" for i in range(2)]
+    for key, part in zip(keys, (table.slice(0, half), table.slice(half)), strict=True):
+        buf = pa.BufferOutputStream()
+        pq.write_table(part, buf)
+        store.put(key, buf.getvalue().to_pybytes())
+        store.put(key, buf.getvalue().to_pybytes())  # an older version holds the rows too
+    store.put(f"sources/{name}/_SUCCESS", b"")
+    cfg = replace(
+        small_config(name, shards=2, slices=1),
+        source_uri=f"s3://{store.bucket}/sources/{name}/",
+        source_policy="patch",
+    )
+    layout = ModelLayout.of(name)
+    ingest_table(store, layout, table, cfg)
+    train_model(store, layout, trainer)
+    subject = training_subjects(table, cfg)[0]
+    untouched = (
+        keys[1] if subject in table.slice(0, half).column("subject_id").to_pylist() else keys[0]
+    )
+    before = store.get(untouched)
+    result = engine(store, layout, trainer).erase([req(name, [subject])])
+    cert = store.get_json(next(iter(result["certificates"].values())))
+    assert cert["source"]["state"] == "patched" and cert["source"]["rows_removed"] == 6
+    rows = 0
+    for key in keys:
+        assert len(store.versions_of(key)) == 1
+        left = pq.read_table(pa.BufferReader(store.get(key)))
+        assert subject not in left.column("subject_id").to_pylist()
+        rows += left.num_rows
+    assert rows == table.num_rows - 6
+    assert store.get(untouched) == before
+    assert store.exists(f"sources/{name}/_SUCCESS")
+
+
 # -- a proof that holds up ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def certified(store: Store, trainer: RayTrainer) -> tuple[ModelLayout, list[dict], list[str]]:

@@ -61,6 +61,11 @@ def encode(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
+def column_names(body: bytes) -> list[str]:
+    """A Parquet file's columns, from its footer alone."""
+    return pq.read_schema(io.BytesIO(body)).names
+
+
 def decode(body: bytes, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(io.BytesIO(body), columns=columns)
 

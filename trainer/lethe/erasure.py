@@ -374,11 +374,12 @@ class Engine:
                 if k != key or is_marker:
                     continue
                 try:
-                    t = dataio.decode(self.store.get_version(key, version))
+                    body = self.store.get_version(key, version)
                 except NotFound:
                     continue
-                if "uri" not in t.column_names:
-                    continue
+                if "uri" not in dataio.column_names(body):
+                    break  # an index file: none of its versions names a file
+                t = dataio.decode(body, ["record_id", "uri"])  # not the features
                 mask = dataio.hashed_mask(t.column("record_id"), id_hash, hashes)
                 uris |= {u for u, m in zip(t.column("uri").to_pylist(), mask, strict=True) if m}
         versions = purge_files(self.store, uris)
@@ -426,13 +427,13 @@ class Engine:
         records = set(plan.record_hashes) | {
             h for r in plan.requests for h in r.requested_record_hashes
         }
-        removed = 0
-        objects = object_keys(self.store, source)  # a prefix: each of its files
-        for key in objects:
+        removed = found = 0
+        for key in object_keys(self.store, source):  # a prefix: each of its files
             try:
                 body = src.get(key)
             except NotFound:
                 continue
+            found += 1
             new_body, n = source_rows_without(body, cfg, keys.id_hash, subjects, records)
             removed += n
             if n:
@@ -444,7 +445,7 @@ class Engine:
                 current = next((v for v, m in versions if not m), None)
                 if current is not None and len(versions) > 1:
                     src.purge_older_versions(key, current)
-        if not objects or (not source.is_prefix and not src.exists(objects[0])):
+        if not found:
             return {"policy": policy, "state": "source object gone"}
         return {"policy": policy, "state": "patched", "rows_removed": removed}
 

@@ -90,12 +90,11 @@ def object_keys(store: Store, src: Source) -> list[str]:
         return []
     if not src.is_prefix:
         return [src.key]
-    keys = sorted(
+    return sorted(
         k
         for k in store.for_bucket(src.bucket).list_keys(src.key)
         if k.endswith(SUFFIXES[src.fmt]) and not k.rsplit("/", 1)[-1].startswith(("_", "."))
     )
-    return keys
 
 
 def arrow_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
