@@ -52,11 +52,11 @@ class Step(StrEnum):
     """What a batch needs next (``next_step``)."""
 
     REPORT = "Report"  # certified (its result is in S3): report it and close it
-    CERTIFY = "Certify"  # retrained and committed: purge what was trained, certify
+    CERTIFY = "Certify"  # data erased, retrained and committed: purge checkpoints, certify
     BACK_OFF = "BackOff"  # a retry waits for its time
-    SUBMIT = "Submit"  # start the retrain under the attempt's id (never twice)
-    WAIT = "Wait"  # the retrain runs
-    RETRY = "Retry"  # the retrain failed: another attempt, after a backoff
+    SUBMIT = "Submit"  # start the batch's job under the attempt's id (never twice)
+    WAIT = "Wait"  # the job runs (it patches, purges, retrains)
+    RETRY = "Retry"  # the job failed: another attempt, after a backoff
     FAIL = "Fail"  # it failed for the last time: the batch's requests fail
 
 
@@ -66,7 +66,8 @@ class Facts:
 
     certified: bool = False  # its result is in S3
     committed: bool = False  # its retrained shards are committed (or it needs none)
-    job: str | None = None  # its retrain's status (Ray's words); None: not known yet
+    data_erased: bool = False  # its rows are gone from every object version (or none held)
+    job: str | None = None  # its job's status (Ray's words); None: not known yet
 
 
 @dataclass(frozen=True)
@@ -181,20 +182,18 @@ def due_for_retry(failed: list[FailedBatch], after_seconds: int, now: float) -> 
 
 
 def next_step(batch: ActiveBatch, facts: Facts, now: float, max_retries: int) -> Step:
-    """The batch's next step. In order: a certified batch is reported; a committed one
-    is certified (whatever Ray says: the retrain commits before its job ends); a retry
-    waits for its time; then the retrain's status decides."""
+    """The batch's next step. In order: a certified batch is reported; one whose data
+    is erased and whose shards are committed is certified (whatever Ray says: both
+    happen before its job ends); a retry waits for its time; then the job's status
+    decides. A job that ended without both failed, whatever Ray says."""
     if facts.certified:
         return Step.REPORT
-    if facts.committed:
+    if facts.committed and facts.data_erased:
         return Step.CERTIFY
     if now < batch.retry_at:
         return Step.BACK_OFF
     if facts.job is None:
         return Step.SUBMIT
-    if facts.job in JOB_FAILED:
+    if facts.job in JOB_FAILED or facts.job == "SUCCEEDED":
         return Step.RETRY if batch.tries < max_retries else Step.FAIL
-    if facts.job == "SUCCEEDED":
-        # ended without a commit (the commit is the job's last step): certify says so
-        return Step.CERTIFY
     return Step.WAIT

@@ -443,14 +443,14 @@ def advance_batch(
         in_plan = {r.uid for r in plan.requests}
         batch_members = [m for m in members if m.uid in in_plan]
         release_holds(ctx.store, ctx.layout, {holder(uid) for uid in in_plan})
-        facts = replace(facts, committed=engine.committed(plan))
+        facts = _progress(engine, plan, facts)
     max_retries = int(ctx.spec["ray"].get("maxRetries", 3))
     job_message = ""
     while (step := next_step(batch, facts, time.time(), max_retries)) is not Step.REPORT:
         assert plan is not None  # not certified: planned above
         if step is Step.CERTIFY:
-            _data_erased(ctx, engine, plan, batch.id, batch_members, events)
-            # The retrain commits the shards itself, so "committed" is usually what a
+            _data_erased(ctx, batch, batch_members, events)
+            # The job commits the shards itself, so "committed" is usually what a
             # step sees first, before Ray reports the job's end.
             kill_point("retrained")
             if metrics.first_time("retrain-duration", ctx.namespace, ctx.name, batch.id):
@@ -463,7 +463,8 @@ def advance_batch(
             kill_point("certified")
             facts = replace(facts, certified=True)
         elif step is Step.BACK_OFF:
-            _data_erased(ctx, engine, plan, batch.id, batch_members, events)
+            if facts.data_erased:
+                _data_erased(ctx, batch, batch_members, events)
             return status
         elif step is Step.SUBMIT:
             launcher = ctx.ray(owners=[m.body for m in batch_members] or [body])
@@ -471,29 +472,30 @@ def advance_batch(
                 batch.job_id,
                 ["retrain", "--model-prefix", ctx.layout.prefix, "--batch", batch.id],
             )
-            log.debug(
-                "batch %s: retrain %s %s (%s)", batch.id, job.submission_id, job.status, job.via
-            )
+            log.debug("batch %s: job %s %s (%s)", batch.id, job.submission_id, job.status, job.via)
             kill_point("submitted")
-            # the purge runs while the retrain does
-            _data_erased(ctx, engine, plan, batch.id, batch_members, events, job.submission_id)
-            job = launcher.status(batch.job_id) or job  # the purge took a while: look again
+            for m in batch_members:  # the batch and its job, before any phase of theirs
+                _set_target(ctx, m, {"batchId": batch.id, "rayJobId": job.submission_id}, events)
             if not job.done and isinstance(launcher, RayJobs):
                 wakeup.watch_job(launcher, job, ctx.namespace, ctx.name)
-            facts = replace(facts, job=job.status, committed=engine.committed(plan))
+            facts = replace(_progress(engine, plan, facts), job=job.status)
             job_message = job.message
         elif step is Step.RETRY:
             events.warning("RetrainRetry", f"retrain {batch.job_id} failed; retrying")
             status["activeBatch"] = batch.retried(time.time()).to_status()
             return status
         elif step is Step.FAIL:
+            erased = (
+                "data erased; shards stay quarantined until a later retrain succeeds"
+                if facts.data_erased
+                else "the data is not erased yet either: the batch is retried later"
+            )
             _fail(
                 ctx,
                 batch_members,
                 events,
                 "RetrainFailed",
-                f"retrain {batch.job_id}: {ray_reason(job_message)} (data "
-                "erased; shards stay quarantined until a later retrain succeeds)",
+                f"retrain {batch.job_id}: {ray_reason(job_message)} ({erased})",
             )
             events.warning("RetrainFailed", f"batch failed after {batch.tries + 1} attempt(s)")
             status.pop("activeBatch", None)
@@ -502,8 +504,10 @@ def advance_batch(
                 batch.failed(time.time()).to_status(),
             ]
             return status
-        else:  # Step.WAIT: the retrain runs
-            _mark_retraining(ctx, batch, batch_members, events)
+        else:  # Step.WAIT: the job runs; its progress is in S3
+            if facts.data_erased:
+                _data_erased(ctx, batch, batch_members, events)
+                _mark_retraining(ctx, batch, batch_members, events)
             status["activeBatch"] = batch.to_status()
             return status
     assert result is not None
@@ -521,9 +525,9 @@ def _plan(
     members: list[Member],
     events: Events,
 ) -> ErasurePlan | None:
-    """The batch's plan: made now from its requests (quarantine, patch; the data purge
-    waits until the retrain is on its way), or read back. None when every request of
-    the batch was deleted or unreadable before it was planned."""
+    """The batch's plan: made now from its requests, its shards quarantined and its
+    erase order written for the job (which patches and purges), or read back. None
+    when every request of the batch was deleted or unreadable before it was planned."""
     if engine.plan_exists(batch.id):
         reqs: list[ErasureRequest] = []  # the plan says who is in the batch
     else:
@@ -537,34 +541,34 @@ def _plan(
             )
             return None
     t0 = time.time()
-    plan = engine.prepare(reqs, batch.requested_at, batch=batch.id, purge=False)
+    plan = engine.prepare(reqs, batch.requested_at, batch=batch.id, patch=False)
+    engine.order_erasure(plan)
     log.debug("batch %s planned in %.3f s", batch.id, time.time() - t0)
     return plan
 
 
+def _progress(engine: Engine, plan: ErasurePlan, facts: Facts) -> Facts:
+    """What S3 says of the batch's job: its data erased, its shards committed."""
+    return replace(facts, committed=engine.committed(plan), data_erased=engine.data_erased(plan))
+
+
+def _set_target(ctx: ModelContext, m: Member, change: dict[str, Any], events: Events) -> None:
+    """Write the fields of ``change`` that differ from the request's target."""
+    change = {k: v for k, v in change.items() if m.target.get(k) != v}
+    if change:
+        update_target(m, ctx.name, change, events)
+
+
 def _data_erased(
-    ctx: ModelContext,
-    engine: Engine,
-    plan: ErasurePlan,
-    batch: str,
-    members: list[Member],
-    events: Events,
-    job_id: str | None = None,
+    ctx: ModelContext, batch: ActiveBatch, members: list[Member], events: Events
 ) -> None:
-    """Purge the batch's rows from every object version, then say so on its requests
-    (and name the run that retrains them): one status write per request."""
-    t0 = time.time()
-    engine.purge_data(plan)
-    log.debug("batch %s data purged in %.3f s", batch, time.time() - t0)
+    """The batch's job erased its rows from every object version: say so on its
+    requests (one status write per request that does not say it yet)."""
     kill_point("erased")
     for m in members:
-        change: dict[str, Any] = {}
-        if m.target.get("batchId") != batch:
-            change.update(phase=RequestPhase.DATA_ERASED, batchId=batch)
-        if job_id and m.target.get("rayJobId") != job_id:
-            change["rayJobId"] = job_id
-        if change:
-            update_target(m, ctx.name, change, events)
+        if m.target.get("phase") in (RequestPhase.QUARANTINED, RequestPhase.PENDING, None):
+            change = {"phase": RequestPhase.DATA_ERASED, "batchId": batch.id}
+            _set_target(ctx, m, change, events)
 
 
 def _mark_retraining(

@@ -32,12 +32,20 @@ BATCH = ActiveBatch("batch-1", ("r1", "r2"), requested_at=NOW - 60, started=NOW 
     ("facts", "step"),
     [
         (Facts(certified=True, committed=True, job="RUNNING"), Step.REPORT),
-        (Facts(committed=True, job="FAILED"), Step.CERTIFY),  # the commit is what counts
-        (Facts(committed=True), Step.CERTIFY),
+        # the data erased and the commit are what count, not how the job ended
+        (Facts(committed=True, data_erased=True, job="FAILED"), Step.CERTIFY),
+        (Facts(committed=True, data_erased=True), Step.CERTIFY),
         (Facts(), Step.SUBMIT),
+        (Facts(data_erased=True), Step.SUBMIT),
         (Facts(job="PENDING"), Step.WAIT),
         (Facts(job="RUNNING"), Step.WAIT),
-        (Facts(job="SUCCEEDED"), Step.CERTIFY),  # finish says if it did not commit
+        # committed while its purge still runs: wait for the job, never certify early
+        (Facts(committed=True, job="RUNNING"), Step.WAIT),
+        (Facts(data_erased=True, job="RUNNING"), Step.WAIT),
+        # a job that ended without both did not do its work, whatever Ray says
+        (Facts(job="SUCCEEDED"), Step.RETRY),
+        (Facts(committed=True, job="SUCCEEDED"), Step.RETRY),
+        (Facts(data_erased=True, job="FAILED"), Step.RETRY),
         (Facts(job="FAILED"), Step.RETRY),
         (Facts(job="STOPPED"), Step.RETRY),
     ],

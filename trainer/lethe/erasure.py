@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+import pyarrow as pa
 
 from lethe import dataio
 from lethe.certs import Keys
@@ -50,6 +51,16 @@ from lethe.core.plan import (
     RequestPlan,
     ShardPlan,
     estimate_cost,
+)
+from lethe.erased import (
+    ErasedRows,
+    EraseOrder,
+    HashedIds,
+    drop_order,
+    locate,
+    read_order,
+    recover,
+    write_order,
 )
 from lethe.errors import ErasureFailed, IntegrityFailure
 from lethe.generations import Live, read_consistent, read_live, update
@@ -108,6 +119,10 @@ class Engine:
     storage_backend: str | None = None  # for reclaiming deleted bytes (lethe.reclaim)
     storage_admin: str | None = None  # e.g. the SeaweedFS master URL
     claim_ttl_seconds: float = 60.0  # a retrain's lease on a lineage, renewed while it runs
+    # which rows are erased: by keyed hash (default), or by the ids an erase order
+    # names (a batch's data job, which holds no key: ``run_batch``)
+    erased: ErasedRows | None = None
+    order: EraseOrder | None = None
     _tables: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -152,16 +167,23 @@ class Engine:
         requested_at: float | None = None,
         batch: str | None = None,
         purge: bool = True,
+        patch: bool = True,
     ) -> ErasurePlan:
         """Steps 1-4 and the data purge: resolve, plan, quarantine, patch, then delete
         every version of every object that held the erased rows. After this the data is
         gone, whatever happens to the retrain. ``batch`` names the batch explicitly: a
         batch is immutable once named, so an existing plan is used as it is.
         ``purge=False`` leaves the data purge to ``purge_data``, for a caller that runs
-        it beside the retrain (``finish`` runs it if nobody did)."""
+        it beside the retrain (``finish`` runs it if nobody did). ``patch=False`` stops
+        after the quarantine: the batch's job patches and purges (``order_erasure``,
+        ``run_batch``)."""
         batch = batch or batch_id(self.model, requests)
         plan = self._plan(batch, requests, requested_at or time.time())
         _crash_point("plan")
+        if not patch:
+            if plan.record_hashes:
+                self._once(plan, "quarantine", lambda: self._quarantine(plan))
+            return plan
         if plan.record_hashes:
             # warm retrain lanes start while the data is patched
             prewarm = getattr(self.trainer, "prewarm", None)
@@ -177,6 +199,50 @@ class Engine:
         """Step "purge-data" (see ``prepare``); done once, safe to call again."""
         if plan.record_hashes:
             self._once(plan, "purge-data", lambda: self._purge_data(plan))
+
+    def data_erased(self, plan: ErasurePlan) -> bool:
+        """Whether the erased rows are gone from every object version (or none were held)."""
+        return not plan.record_hashes or self._marker(plan, "purge-data") is not None
+
+    def order_erasure(self, plan: ErasurePlan) -> None:
+        """The keyed side, before the batch's job: write where the erased rows are, by
+        position (``lethe.erased``), so that the job can patch and purge without the
+        key. Done once; nothing to do once the data is erased."""
+        if self.data_erased(plan) or self.store.exists(self.layout.erase_order(plan.batch_id)):
+            return
+        gen = read_live(self.store, self.layout).generation
+        storage = {"backend": self.storage_backend, "admin": self.storage_admin}
+        order = locate(self.store, gen, plan, load_keys(self.keys).id_hash, storage)
+        write_order(self.store, self.layout, order)
+
+    def run_batch(self, plan: ErasurePlan) -> None:
+        """The batch's job (on the Ray cluster, with no key): patch and purge the data
+        by the batch's erase order, retrain and commit beside the purge. Safe to run
+        again after a crash anywhere; the order goes once the data is erased."""
+        if not self.data_erased(plan):
+            self.order = read_order(self.store, self.layout, plan.batch_id)
+            self.storage_backend = self.storage_backend or self.order.storage.get("backend")
+            self.storage_admin = self.storage_admin or self.order.storage.get("admin")
+            prewarm = getattr(self.trainer, "prewarm", None)
+            if prewarm is not None:
+                prewarm(read_live(self.store, self.layout).generation.config, len(plan.shards))
+            self._once(plan, "patch", lambda: self._patch(plan))
+        purging = _Background(lambda: self.purge_data(plan))
+        try:
+            self.retrain(plan)
+        finally:
+            purging.join()
+        drop_order(self.store, self.layout, plan.batch_id)
+
+    def _erased(self, plan: ErasurePlan) -> ErasedRows:
+        """Which rows are erased: from the erase order if this engine runs a batch's
+        job (read when first needed: a repeated job may need none), else by hash."""
+        if self.erased is None:
+            if self.order is not None:
+                self.erased = recover(self.store, self.order, plan)
+            else:
+                self.erased = HashedIds.of(plan, load_keys(self.keys).id_hash)
+        return self.erased
 
     def plan_exists(self, batch: str) -> bool:
         return self.store.exists(self.layout.plan(batch))
@@ -200,7 +266,29 @@ class Engine:
             if not self.committed(plan):
                 raise ErasureFailed("NotRetrained", f"batch {plan.batch_id} is not committed yet")
             self._once(plan, "purge", lambda: self._purge(plan))
+            self._check_erased(plan)
+        drop_order(self.store, self.layout, plan.batch_id)  # a job that died after the purge
         return self._certify(plan)
+
+    def _check_erased(self, plan: ErasurePlan) -> None:
+        """The keyed side's own look before it certifies: no record of the plan is left
+        in the live index, data or test files of the shards it touched. (The job erased
+        by an order it cannot authenticate; an order edited behind its back would have
+        erased other rows.) Reads only their record ids."""
+        erased = HashedIds.of(plan, load_keys(self.keys).id_hash)
+        live = read_live(self.store, self.layout).generation
+        refs = [live.test] + [
+            ref
+            for k in plan.affected_shards
+            for ref in (live.shards[k].index, *(s.data for s in live.shards[k].slices))
+        ]
+        for ref in refs:
+            ids = dataio.read_table(self.store, ref, ["record_id"]).column("record_id")
+            if erased.records(ids).any():
+                raise IntegrityError(
+                    f"batch {plan.batch_id}: live object {ref.key} still holds erased "
+                    "records after the data was erased (was the erase order edited?)"
+                )
 
     # -- steps 1 and 2: resolve and plan -----------------------------------------------
     def _plan(self, batch: str, requests: list[ErasureRequest], requested_at: float) -> ErasurePlan:
@@ -245,13 +333,12 @@ class Engine:
 
     # -- step 4: patch ---------------------------------------------------------------
     def _patch(self, plan: ErasurePlan) -> dict[str, Any]:
-        hashes = set(plan.record_hashes)
-        id_hash = load_keys(self.keys).id_hash
+        erased = self._erased(plan)
         replaced: set[str] = set()
 
         def filtered(ref: FileRef, key_for: Callable[[str], str]) -> FileRef | None:
             table = self._table(ref)
-            mask = dataio.hashed_mask(table.column("record_id"), id_hash, hashes)
+            mask = erased.records(table.column("record_id"))
             if not mask.any():
                 return None
             replaced.add(ref.key)
@@ -303,14 +390,46 @@ class Engine:
         Tombstones go first, so nothing can write those bytes back and no run that
         trained on them can have its checkpoints adopted."""
         live = read_live(self.store, self.layout).generation
-        live_keys = live.referenced_keys()
-        hashes = set(plan.record_hashes)
-        id_hash = load_keys(self.keys).id_hash
         marker = self.layout.step(plan.batch_id, "purge-plan")
         try:
             tainted: set[str] = set(self.store.get_json(marker)["tainted"])
         except NotFound:
-            tainted = set()
+            tainted = self._tainted(plan, live)
+            # Remember what was tainted before deleting it: a repeated purge can no
+            # longer find deleted files, but must still delete the checkpoints trained
+            # on them (and needs no ids for that).
+            if not self.store.put_json_if_absent(marker, {"tainted": sorted(tainted)}):
+                tainted |= set(self.store.get_json(marker)["tainted"])
+            _crash_point("purge-plan")
+        for key in sorted(tainted):
+            self.store.put_json_if_absent(
+                self.layout.tombstone(sha_of_key(key)), {"batch": plan.batch_id, "key": key}
+            )
+        # What needs the erased ids runs before the files holding them are deleted:
+        # the records' own files (their URIs are in those data files), then the source.
+        files = self._step(
+            plan, "purge-files", lambda: {"files": self._purge_files(live.config, tainted, plan)}
+        )["files"]
+        source = self._step(
+            plan, "purge-source", lambda: self._erase_from_source(plan, live.config)
+        )
+        deleted = self._delete(plan, tainted, live)
+        storage = self._reclaim()
+        self.progress("purge-data", f"{len(deleted)} object(s) holding erased rows deleted")
+        return {
+            "deleted": sorted(deleted),
+            "tombstones": sorted(sha_of_key(k) for k in tainted),
+            "versions_deleted": sum(deleted.values()),
+            "source": source,
+            "files": files,
+            "storage": storage,
+        }
+
+    def _tainted(self, plan: ErasurePlan, live: Generation) -> set[str]:
+        """Every data, index and test object (any version) that holds an erased row."""
+        erased = self._erased(plan)
+        live_keys = live.referenced_keys()
+        tainted: set[str] = set()
         prefixes = [self.layout.eval_prefix] + [
             p
             for k in plan.affected_shards
@@ -324,50 +443,26 @@ class Engine:
                     ids = dataio.decode(self.store.get_version(key, version), ["record_id"])
                 except NotFound:
                     # Purged by a concurrent erasure since the listing; it tombstoned
-                    # the file first, so its checkpoints are swept below all the same.
+                    # the file first, so its checkpoints are swept all the same.
                     continue
-                if dataio.hashed_mask(ids.column("record_id"), id_hash, hashes).any():
+                if erased.records(ids.column("record_id")).any():
                     if key in live_keys:
                         raise IntegrityError(f"live object {key} still holds erased records")
                     tainted.add(key)
-        # Remember what was tainted before deleting it: a repeated purge can no longer
-        # find deleted files, but must still delete the checkpoints trained on them.
-        if not self.store.put_json_if_absent(marker, {"tainted": sorted(tainted)}):
-            tainted |= set(self.store.get_json(marker)["tainted"])
-        for key in sorted(tainted):
-            self.store.put_json_if_absent(
-                self.layout.tombstone(sha_of_key(key)), {"batch": plan.batch_id, "key": key}
-            )
-        # The erased records' files go before the data files that name them: a purge
-        # repeated after a crash still finds their URIs.
-        files = self._purge_files(live.config, tainted, hashes, id_hash)
-        deleted = self._delete(plan, tainted, live)
-        source = self._erase_from_source(plan, live.config)
-        storage = self._reclaim()
-        self.progress("purge-data", f"{len(deleted)} object(s) holding erased rows deleted")
-        return {
-            "deleted": sorted(deleted),
-            "tombstones": sorted(sha_of_key(k) for k in tainted),
-            "versions_deleted": sum(deleted.values()),
-            "source": source,
-            "files": files,
-            "storage": storage,
-        }
+        return tainted
 
     def _purge_files(
-        self,
-        cfg: ModelConfig,
-        tainted: set[str],
-        hashes: set[str],
-        id_hash: Callable[[str], str],
+        self, cfg: ModelConfig, tainted: set[str], plan: ErasurePlan
     ) -> dict[str, Any] | None:
         """File-backed records (``columns.file``): delete every version of the objects
         that the erased rows of ``tainted`` (every version) name. Returns the keyed hashes
-        of their URIs and their buckets, for the certificate and ``verify``."""
+        of their URIs (made when the batch was planned) and their buckets, for the
+        certificate and ``verify``."""
         if not cfg.columns.file:
             return None
         from lethe.files import purge_files, split_uri
 
+        erased = self._erased(plan)
         uris: set[str] = set()
         for key in sorted(tainted):
             for k, version, is_marker in list(self.store.list_versions(key)):
@@ -380,14 +475,23 @@ class Engine:
                 if "uri" not in dataio.column_names(body):
                     break  # an index file: none of its versions names a file
                 t = dataio.decode(body, ["record_id", "uri"])  # not the features
-                mask = dataio.hashed_mask(t.column("record_id"), id_hash, hashes)
+                mask = erased.records(t.column("record_id"))
                 uris |= {u for u, m in zip(t.column("uri").to_pylist(), mask, strict=True) if m}
         versions = purge_files(self.store, uris)
+        if plan.file_hashes is None:  # planned before URIs were indexed: needs the key
+            hashes = load_keys(self.keys).id_hashes(uris)
+        else:
+            hashes = plan.file_hashes
+            if len(uris) != len(hashes):
+                raise IntegrityError(
+                    f"batch {plan.batch_id}: {len(uris)} file(s) named by the erased rows, "
+                    f"{len(hashes)} planned"
+                )
         return {
-            "objects": len(uris),
+            "objects": len(hashes),
             "versions_deleted": sum(versions.values()),
             "buckets": sorted({split_uri(u)[0] for u in uris}),
-            "hashes": sorted(id_hash(u) for u in uris),
+            "hashes": sorted(hashes),
         }
 
     def _delete(self, plan: ErasurePlan, tainted: set[str], live: Generation) -> dict[str, int]:
@@ -422,11 +526,7 @@ class Engine:
 
         source = source_of(cfg)
         src = self.store.for_bucket(source.bucket)
-        keys = load_keys(self.keys)
-        subjects = {h for r in plan.requests for h in r.subject_hashes}
-        records = set(plan.record_hashes) | {
-            h for r in plan.requests for h in r.requested_record_hashes
-        }
+        erased = self._erased(plan)
         removed = found = 0
         for key in object_keys(self.store, source):  # a prefix: each of its files
             try:
@@ -434,7 +534,7 @@ class Engine:
             except NotFound:
                 continue
             found += 1
-            new_body, n = source_rows_without(body, cfg, keys.id_hash, subjects, records)
+            new_body, n = source_rows_without(body, cfg, erased)
             removed += n
             if n:
                 version = src.put(key, new_body)
@@ -729,6 +829,14 @@ class Engine:
         self._write_marker(plan, step, run())
         _crash_point(step)
 
+    def _step(
+        self, plan: ErasurePlan, step: str, run: Callable[[], dict[str, Any]]
+    ) -> dict[str, Any]:
+        """``_once``, returning what the step found (now or when it first ran)."""
+        self._once(plan, step, run)
+        body = self._marker(plan, step) or {}
+        return {k: v for k, v in body.items() if k != "at"}
+
 
 class _Background:
     """A step run in a thread; ``join`` re-raises what it raised."""
@@ -863,25 +971,35 @@ def make_plan(
         set(range(cfg.shards)) if records else {shard_of(s, cfg.shards) for s in subjects}
     )
     found: dict[str, tuple[str, int, int]] = {}  # record id -> (subject id, shard, slice)
+    uris: set[str] = set()  # of file-backed records (their index names them)
+    uris_indexed = True
     for k in shards_to_read:
         index = dataio.read_table(store, gen.shards[k].index)
         mask = dataio.isin(index.column("subject_id"), subjects) | dataio.isin(
             index.column("record_id"), records
         )
-        for i in np.flatnonzero(mask):
+        rows = np.flatnonzero(mask)
+        for i in rows:
             found[index.column("record_id")[i].as_py()] = (
                 index.column("subject_id")[i].as_py(),
                 k,
                 int(index.column("slice")[i].as_py()),
             )
-    test = dataio.read_table(store, gen.test, ["record_id", "subject_id"])
+        if "uri" in index.column_names:
+            uris.update(index.column("uri").take(pa.array(rows, pa.int64())).to_pylist())
+        else:
+            uris_indexed = False
+    with_uri = ["uri"] if cfg.columns.file else []
+    test = dataio.read_table(store, gen.test, ["record_id", "subject_id", *with_uri])
     tmask = dataio.isin(test.column("subject_id"), subjects) | dataio.isin(
         test.column("record_id"), records
     )
+    test_rows = np.flatnonzero(tmask)
     test_found = {
-        test.column("record_id")[i].as_py(): test.column("subject_id")[i].as_py()
-        for i in np.flatnonzero(tmask)
+        test.column("record_id")[i].as_py(): test.column("subject_id")[i].as_py() for i in test_rows
     }
+    if with_uri:
+        uris.update(test.column("uri").take(pa.array(test_rows, pa.int64())).to_pylist())
 
     first: dict[int, int] = {}
     per_shard: dict[int, int] = {}
@@ -917,6 +1035,8 @@ def make_plan(
         test_records=len(test_found),
         estimate=estimate_cost(gen, first),
         record_hashes=keys.id_hashes([*found, *test_found]),
+        # an index from before URIs were indexed: the purge hashes what it finds
+        file_hashes=keys.id_hashes(uris) if cfg.columns.file and uris_indexed else None,
     )
 
 

@@ -10,7 +10,7 @@ import hashlib
 import io
 import json
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ from lethe.core.config import ConfigError, ModelConfig
 from lethe.core.hashing import is_test_subject, shard_of, slice_of
 from lethe.core.lineage import shard_lineages
 from lethe.core.manifest import FileRef, Generation, ShardState, SliceState
+from lethe.erased import ErasedRows
 from lethe.errors import UserError
 from lethe.files import FileDecoder, FileUnreadable
 from lethe.generations import create_first
@@ -81,21 +82,15 @@ def encode_dataset(table: pa.Table, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def source_rows_without(
-    body: bytes,
-    cfg: ModelConfig,
-    id_hash: Callable[[str], str],
-    subject_hashes: set[str],
-    record_hashes: set[str],
-) -> tuple[bytes, int]:
+def source_rows_without(body: bytes, cfg: ModelConfig, erased: ErasedRows) -> tuple[bytes, int]:
     """The source dataset without the rows of erased subjects or records (policy
     ``patch``); returns the new bytes and how many rows went."""
     table = decode_dataset(body, cfg.source_format, cfg)
     c = cfg.columns
     mask = np.zeros(table.num_rows, bool)
-    for column, hashes in ((c.record_id, record_hashes), (c.subject_id, subject_hashes)):
+    for column, match in ((c.record_id, erased.records), (c.subject_id, erased.subjects)):
         if column in table.column_names:  # not when it is a hive partition of a prefix
-            mask |= dataio.hashed_mask(table.column(column), id_hash, hashes)
+            mask |= match(table.column(column))
     removed = int(mask.sum())
     if not removed:
         return body, 0
@@ -437,10 +432,11 @@ def _write_generation_1(
                     store, t, lambda sha, k=k, r=r: layout.data(k, r, sha), layout.tombstone
                 )
             )
+            # a file-backed record's URI too: the keyed side hashes it when it plans
             index_parts.append(
-                t.select(["record_id", "subject_id"]).append_column(
-                    "slice", pa.array(np.full(t.num_rows, r, np.int32))
-                )
+                t.select(
+                    ["record_id", "subject_id", *(["uri"] if cfg.columns.file else [])]
+                ).append_column("slice", pa.array(np.full(t.num_rows, r, np.int32)))
             )
         index = dataio.write_content_addressed(
             store,

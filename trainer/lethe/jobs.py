@@ -1,10 +1,11 @@
 """Entry points of the Ray jobs a control plane submits (``python -m lethe.jobs``).
 
-The operator never imports torch: it prepares an erasure (plan, quarantine, patch),
-has the batch retrained on the Ray cluster, purges the erased rows meanwhile and
-finishes (purge, certify) when the retrain is done. ``ingest`` shards and slices a new
-model's dataset, streamed with Ray Data (the operator never reads it); ``train`` trains
-a newly ingested model. All run on the Ray cluster, read S3 settings from the
+The operator never imports torch and never reads a dataset: it plans an erasure,
+quarantines its shards and writes where the erased rows are (``lethe.erased``); the
+batch's ``retrain`` job patches and purges the data and retrains beside the purge; the
+operator finishes (purge of checkpoints, certify) when both are done. ``ingest``
+shards and slices a new model's dataset, streamed with Ray Data; ``train`` trains a
+newly ingested model. All run on the Ray cluster, read S3 settings from the
 environment and are safe to run again. Their drivers do not import torch either: the
 training and the accuracy run on the cluster's warm retrain service (``lethe.warm``),
 which has it loaded. That service also runs ``retrain`` itself when the operator asks
@@ -82,17 +83,23 @@ def _ray_ready() -> bool:
 
 
 def retrain(store: Store, model_prefix: str, batch: str) -> dict[str, Any]:
-    """Retrain and commit the shards of a prepared batch (its plan is in S3)."""
+    """A planned and quarantined batch (its plan and erase order are in S3): patch and
+    purge its rows, retrain and commit its shards beside the purge (``Engine.run_batch``).
+    Holds no key: the erase order says where the rows are."""
     from lethe.erasure import Engine
-    from lethe.training import RayTrainer
+    from lethe.training import RayTrainer, peak_rss_bytes
 
     trainer = RayTrainer(store.settings)
     engine = Engine(
         store, ModelLayout(model_prefix), trainer, evaluate=lambda g: trainer.evaluate(store, g)
     )
     plan = engine.load_plan(batch)
-    engine.retrain(plan)
-    return {"batch": plan.batch_id, "shards": plan.affected_shards}
+    engine.run_batch(plan)
+    return {
+        "batch": plan.batch_id,
+        "shards": plan.affected_shards,
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
 
 
 def train(store: Store, model_prefix: str) -> dict[str, Any]:

@@ -73,6 +73,11 @@ class ModelLayout:
     def step(self, batch: str, step: str) -> str:
         return self._k(f"erasures/{batch}/{step}.json")
 
+    def erase_order(self, batch: str) -> str:
+        """Where the erased rows of a batch are, by position (``lethe.erased``): written
+        by the keyed side for the batch's data job, purged once the data is erased."""
+        return self._k(f"erasures/{batch}/order.json")
+
     def shard_runs_prefix(self, batch: str, shard: int | None = None) -> str:
         """Each Ray Train run of a batch reports its resources here, one object per
         attempt (``<prefix><attempt>.json``), written by the run itself."""

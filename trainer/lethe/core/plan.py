@@ -160,6 +160,8 @@ class ErasurePlan:
     test_records: int
     estimate: CostEstimate
     record_hashes: list[str] = field(default_factory=list)  # union over requests
+    # keyed hashes of the URIs of erased file-backed records (None: no file column)
+    file_hashes: list[str] | None = None
 
     @property
     def affected_shards(self) -> list[int]:
@@ -181,6 +183,7 @@ class ErasurePlan:
             "test_records": self.test_records,
             "estimate": self.estimate.to_json(),
             "record_hashes": self.record_hashes,
+            "file_hashes": self.file_hashes,
         }
 
     @classmethod
@@ -196,6 +199,7 @@ class ErasurePlan:
             test_records=int(d["test_records"]),
             estimate=CostEstimate.from_json(d["estimate"]),
             record_hashes=list(d.get("record_hashes", [])),
+            file_hashes=d.get("file_hashes"),
         )
 
 
