@@ -52,7 +52,8 @@ bench: venv
 bench-operator: venv kube-apiserver
 	$(BIN)/python bench/bench_operator.py
 
-# ingest in bounded memory: two dataset sizes, peak RSS of the ingest process
+# the data plane in bounded memory: ingest under a memory cap, one erasure split into the
+# operator's keyed part and the job's data part, at four dataset sizes
 bench-ingest: venv
 	$(BIN)/python bench/bench_ingest.py
 

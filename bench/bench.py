@@ -67,7 +67,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lethe import localstack
 from lethe.calibration import record_from_model
 from lethe.core.config import ModelConfig, TrainerConfig
 from lethe.core.hashing import is_test_subject, shard_of, slice_of
@@ -77,6 +76,7 @@ from lethe.ingest import ingest_table
 from lethe.layout import ModelLayout
 from lethe.store import S3Settings, Store
 from lethe.training import RayTrainer, connect_ray, train_model
+from lethe_dev import localstack
 
 RESULTS = Path(__file__).parent / "results"
 

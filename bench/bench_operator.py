@@ -44,7 +44,6 @@ from tests.harness import (  # noqa: E402
     train_subjects,
 )
 
-from lethe import kubestack, localstack  # noqa: E402
 from lethe.core.config import ModelConfig, TrainerConfig  # noqa: E402
 from lethe.core.plan import ErasureRequest  # noqa: E402
 from lethe.datasets import digits_table  # noqa: E402
@@ -54,6 +53,7 @@ from lethe.layout import ModelLayout  # noqa: E402
 from lethe.predict import ensemble_accuracy  # noqa: E402
 from lethe.store import S3Settings, Store  # noqa: E402
 from lethe.training import RayTrainer, train_model  # noqa: E402
+from lethe_dev import kubestack, localstack  # noqa: E402
 from lethe_operator.batches import RequestPhase  # noqa: E402
 from lethe_operator.control import GROUP, MODELS, REQUESTS, VERSION  # noqa: E402
 from lethe_operator.raylaunch import find_agent  # noqa: E402

@@ -19,7 +19,6 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from lethe import kubestack, localstack
 from lethe.certs import Keys
 from lethe.core.config import ModelConfig, TrainerConfig
 from lethe.core.hashing import is_test_subject, shard_of, slice_of
@@ -27,6 +26,7 @@ from lethe.ingest import ingest_table
 from lethe.layout import ModelLayout
 from lethe.store import S3Settings, Store
 from lethe.training import RayTrainer, train_model
+from lethe_dev import kubestack, localstack
 
 _names = itertools.count()
 

@@ -14,11 +14,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from lethe import kubestack
 from lethe.core.hashing import is_test_subject
 from lethe.datasets import TEST_FRACTION, digits_table
-from lethe.localstack import StackState
 from lethe.store import Store
+from lethe_dev import kubestack
+from lethe_dev.localstack import StackState
 
 from .conftest import kubectl
 

@@ -13,10 +13,10 @@ from lethe.core.cost import ShardRun
 from lethe.core.hashing import slice_of
 from lethe.core.plan import ErasureRequest
 from lethe.erasure import Engine, request_uid
-from lethe.localstack import StackState
 from lethe.store import Store
 from lethe.training import RayTrainer, connect_ray
 from lethe.verify import verify
+from lethe_dev.localstack import StackState
 from lethe_operator import raylaunch
 from lethe_operator.raylaunch import JobStatus, RayJobs
 from tests.conftest import small_table, trained_small, training_subjects
@@ -59,8 +59,9 @@ def test_a_batch_retrains_on_the_agent_once_then_on_a_ray_job_without_it(
 
     def erase(subject: str, job_id: str) -> tuple[JobStatus, dict]:
         plan = engine.prepare(
-            [ErasureRequest(request_uid(layout.prefix, [subject], []), (subject,))], purge=False
+            [ErasureRequest(request_uid(layout.prefix, [subject], []), (subject,))], patch=False
         )
+        engine.order_erasure(plan)  # as the operator does: the job patches and purges
         job_id = job_id.format(batch=plan.batch_id)
         started = launcher.ensure(job_id, retrain_args(layout.prefix, plan.batch_id))
         again = launcher.ensure(job_id, retrain_args(layout.prefix, plan.batch_id))
@@ -102,8 +103,9 @@ def test_the_service_killed_while_its_agent_retrains_ends_with_one_certificate(
     launcher = RayJobs(stack.ray_dashboard, store.settings.public_env())
     raylaunch.forget_agent(launcher.address, launcher.agent_port)
     plan = engine.prepare(
-        [ErasureRequest(request_uid(layout.prefix, [subject], []), (subject,))], purge=False
+        [ErasureRequest(request_uid(layout.prefix, [subject], []), (subject,))], patch=False
     )
+    engine.order_erasure(plan)
     job_id, args = f"lethe-{plan.batch_id}-0", retrain_args(layout.prefix, plan.batch_id)
     assert launcher.ensure(job_id, args).via == "agent"
 

@@ -23,7 +23,8 @@ import pytest
 from lethe import dataio
 from lethe.core.manifest import FileRef
 from lethe.core.plan import ErasureRequest
-from lethe.erasure import CRASH_ENV, Engine, request_uid
+from lethe.erasure import Engine, request_uid
+from lethe.faults import CRASH_ENV
 from lethe.generations import read_live
 from lethe.layout import ModelLayout
 from lethe.predict import ensemble_accuracy
@@ -33,7 +34,7 @@ from lethe.verify import verify
 
 from .conftest import ingest_small, small_table, training_subjects, unique_model
 from .harness import versions_holding
-from .test_crash import fingerprint
+from .test_crash import fingerprint, trained_twins
 
 # the job's own steps, in order (a crash after each, then the job again)
 JOB_STEPS = ("patch", "purge-plan", "purge-files", "purge-source", "purge-data", "commit")
@@ -69,13 +70,8 @@ def plan_and_order(store: Store, layout: ModelLayout, subject: str, model: str):
 @pytest.fixture(scope="module")
 def twins(store: Store, trainer: RayTrainer):
     """A is erased in-process with the keys; B by the keyless job, with crashes."""
-    table = small_table(subjects=80, seed=9)
-    a, cfg_a, _ = ingest_small(store, unique_model("job-a"), table, shards=3, slices=3)
-    b, cfg_b, _ = ingest_small(store, unique_model("job-b"), table, shards=3, slices=3)
-    train_model(store, a, trainer)
-    train_model(store, b, trainer)
-    assert fingerprint(store, a) == fingerprint(store, b)
-    return (a, cfg_a), (b, cfg_b), table, training_subjects(table, cfg_a)
+    a, b, table = trained_twins(store, trainer, "job", seed=9)
+    return a, b, table, training_subjects(table, a[1])
 
 
 def ids_of(table, subject: str) -> set[str]:

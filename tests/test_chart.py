@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from lethe import kubestack
+from lethe_dev import kubestack
 
 from .unit.test_chart import ALL_ON
 
@@ -295,6 +295,7 @@ def test_rbac_is_least_privilege(tmp_path: Path) -> None:
         ("", "events", "create"),
         ("ray.io", "rayjobs", "get"),
         ("ray.io", "rayjobs", "list"),
+        ("ray.io", "rayjobs", "watch"),
         ("ray.io", "rayjobs", "create"),
         ("", "secrets", "get"),
     }  # fmt: skip

@@ -9,7 +9,8 @@ import json
 import pytest
 
 from lethe.core.plan import ErasureRequest
-from lethe.erasure import CRASH_ENV, STEPS, Engine, request_uid
+from lethe.erasure import STEPS, Engine, request_uid
+from lethe.faults import CRASH_ENV
 from lethe.generations import read_live
 from lethe.layout import ModelLayout
 from lethe.predict import ensemble_accuracy
@@ -34,16 +35,22 @@ def fingerprint(store: Store, layout: ModelLayout) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def twins(store: Store, trainer: RayTrainer):
-    """Two identical trained models: A is erased without interruption, B with crashes."""
-    table = small_table(subjects=80, seed=4)
-    a, cfg_a, _ = ingest_small(store, unique_model("twin-a"), table, shards=3, slices=3)
-    b, cfg_b, _ = ingest_small(store, unique_model("twin-b"), table, shards=3, slices=3)
+def trained_twins(store: Store, trainer: RayTrainer, tag: str, seed: int):
+    """Two identical trained models (3 shards x 3 slices) and the table they hold."""
+    table = small_table(subjects=80, seed=seed)
+    a, cfg_a, _ = ingest_small(store, unique_model(f"{tag}-a"), table, shards=3, slices=3)
+    b, cfg_b, _ = ingest_small(store, unique_model(f"{tag}-b"), table, shards=3, slices=3)
     train_model(store, a, trainer)
     train_model(store, b, trainer)
     assert fingerprint(store, a) == fingerprint(store, b)
-    return (a, cfg_a), (b, cfg_b), training_subjects(table, cfg_a)
+    return (a, cfg_a), (b, cfg_b), table
+
+
+@pytest.fixture(scope="module")
+def twins(store: Store, trainer: RayTrainer):
+    """Two identical trained models: A is erased without interruption, B with crashes."""
+    a, b, table = trained_twins(store, trainer, "twin", seed=4)
+    return a, b, training_subjects(table, a[1])
 
 
 @pytest.mark.parametrize("step", STEPS)

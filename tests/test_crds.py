@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from lethe import kubestack
+from lethe_dev import kubestack
 
 from .conftest import kubectl
 

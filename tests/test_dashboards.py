@@ -28,9 +28,9 @@ from typing import Any
 
 import pytest
 
-from lethe import kubestack
-from lethe.localstack import StackState, free_port
 from lethe.store import Store
+from lethe_dev import kubestack
+from lethe_dev.localstack import StackState, free_port
 
 from .conftest import kubectl
 from .harness import (

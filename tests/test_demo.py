@@ -9,8 +9,8 @@ import json
 import pytest
 import yaml
 
-from lethe.demo import MODEL_EXAMPLE
 from lethe.store import Store
+from lethe_dev.demo import MODEL_EXAMPLE
 
 from .conftest import lethe_cli
 

@@ -18,13 +18,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from lethe import kubestack
 from lethe.datasets import digits_table
 from lethe.generations import read_live
 from lethe.layout import ModelLayout
-from lethe.localstack import StackState, free_port
 from lethe.store import Store
 from lethe.verify import verify
+from lethe_dev import kubestack
+from lethe_dev.localstack import StackState, free_port
 from lethe_operator.raylaunch import RayJobs
 
 from .harness import (

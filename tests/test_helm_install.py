@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from lethe import kubestack
-from lethe.localstack import StackState, free_port
 from lethe.store import Store
 from lethe.verify import verify
+from lethe_dev import kubestack
+from lethe_dev.localstack import StackState, free_port
 
 from .conftest import kubectl
 from .harness import (

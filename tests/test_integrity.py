@@ -31,11 +31,11 @@ from lethe.erasure import Engine, request_uid
 from lethe.generations import read_live
 from lethe.ingest import IngestError, ingest_table
 from lethe.layout import ModelLayout
-from lethe.localstack import StackState
 from lethe.predict import ensemble_accuracy
 from lethe.store import Store
 from lethe.training import RayTrainer, StaleLineage, shard_tasks, train_model
 from lethe.verify import verify
+from lethe_dev.localstack import StackState
 
 from .conftest import (
     ingest_small,

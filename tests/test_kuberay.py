@@ -38,13 +38,14 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.rest import ApiException
 
-from lethe import kubestack
-from lethe.localstack import StackState, free_port
 from lethe.store import Store
 from lethe.verify import verify
+from lethe_dev import kubestack
+from lethe_dev.localstack import StackState, free_port
 from lethe_operator.kuberay import (
     MAX_NAME,
     SUBMISSION,
+    WATCH_ENV,
     KubeRayJobs,
     rayjob_name,
 )
@@ -327,7 +328,7 @@ def env(
     )
     standin.start()
     log = tmp_path_factory.mktemp("operator-kuberay") / "operator.log"
-    op = Operator(kube.kubeconfig, free_port(), log, args=("--namespace", NS))
+    op = Operator(kube.kubeconfig, free_port(), log, args=("--namespace", NS), env={WATCH_ENV: "1"})
     model = digits_model(
         MODEL,
         stack,
@@ -424,6 +425,8 @@ def test_erasure_through_rayjobs_survives_a_killed_operator(
     }
     assert all(r["kind"] == "ErasureRequest" for r in obj["metadata"]["ownerReferences"])
     assert obj["status"]["jobStatus"] == "SUCCEEDED"
+    # its end was seen on the watch, which woke the model (not its fallback timer)
+    wait_for("the watch", lambda: f"RayJob {sub} ended: waking model {MODEL}" in env.op.tail(10**6))
     assert env.standin.submitted.count(sub) == 1
     assert RayJobs(stack.ray_dashboard, {}).submissions(f"lethe-{batch}") == [sub]
     for s in statuses:

@@ -10,17 +10,17 @@ from collections.abc import Iterator
 
 import pytest
 
-from lethe import kubestack
 from lethe.core.manifest import Generation
 from lethe.datasets import digits_table
 from lethe.erasure import resolve_shards
+from lethe.faults import KILL_ENV
+from lethe.faults import TRAIN_FAILURE_ENV as FAULT_ENV
 from lethe.generations import read_live
 from lethe.layout import ModelLayout
-from lethe.localstack import StackState, free_port
 from lethe.store import Store
-from lethe.training import FAULT_ENV
 from lethe.verify import verify
-from lethe_operator.control import KILL_ENV
+from lethe_dev import kubestack
+from lethe_dev.localstack import StackState, free_port
 from lethe_operator.raylaunch import RayJobs
 
 from .conftest import kubectl

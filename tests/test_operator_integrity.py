@@ -18,16 +18,16 @@ from collections.abc import Iterator
 
 import pytest
 
-from lethe import kubestack
 from lethe.certs import Keys
 from lethe.erasure import resolve_shards
+from lethe.faults import KILL_ENV
+from lethe.faults import TRAIN_FAILURE_ENV as FAULT_ENV
 from lethe.generations import read_live
 from lethe.layout import ModelLayout
-from lethe.localstack import StackState, free_port
 from lethe.store import Store
-from lethe.training import FAULT_ENV
 from lethe.verify import verify
-from lethe_operator.context import KILL_ENV
+from lethe_dev import kubestack
+from lethe_dev.localstack import StackState, free_port
 from lethe_operator.control import ADOPT_ANNOTATION, LAYOUT_OWNED
 from lethe_operator.erasures import holder
 

@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from lethe import kubestack
-from lethe.localstack import StackState, free_port
 from lethe.store import Store
+from lethe_dev import kubestack
+from lethe_dev.localstack import StackState, free_port
 from lethe_operator.__main__ import STAGING_NAME
 
 from .conftest import ID_WATCH, LAST_APPLIED, find_ids, kubectl, remember_ids

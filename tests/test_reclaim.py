@@ -21,12 +21,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lethe import localstack
 from lethe.reclaim import (
     object_lock_supported,
     reclaim,
 )
 from lethe.store import S3Settings, Store
+from lethe_dev import localstack
 
 from .conftest import unique_model
 

@@ -26,11 +26,11 @@ from typing import Any
 
 import pytest
 
-from lethe import kubestack
 from lethe.generations import read_live
-from lethe.localstack import StackState, free_port
 from lethe.store import Store
 from lethe.training import RayTrainer
+from lethe_dev import kubestack
+from lethe_dev.localstack import StackState, free_port
 from lethe_operator.context import (
     ModelContext,
 )

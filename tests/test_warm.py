@@ -24,10 +24,10 @@ from lethe.core.plan import ErasureRequest
 from lethe.erasure import Engine, request_uid
 from lethe.generations import read_live
 from lethe.layout import ModelLayout
-from lethe.localstack import StackState
 from lethe.store import Store
 from lethe.training import RayTrainer, connect_ray, train_model
 from lethe.verify import verify
+from lethe_dev.localstack import StackState
 from tests.conftest import ingest_small, small_table, training_subjects, unique_model
 from tests.harness import wait_for
 

@@ -23,7 +23,6 @@ import base64
 import datetime as dt
 import logging
 import os
-import signal
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -35,13 +34,13 @@ from lethe.certs import Keys, KeysError
 from lethe.core.config import Columns, ModelConfig, Prices, TrainerConfig
 from lethe.erasure import Engine
 from lethe.errors import UserError
+from lethe.faults import FAULTS
 from lethe.layout import ModelLayout
 from lethe.store import S3Settings, Store
 from lethe_operator.raylaunch import SECRET_ENV, Launcher, RayJobs
 
 GROUP, VERSION = "lethe.dev", "v1alpha1"
 MODELS, REQUESTS = "shardedmodels", "erasurerequests"
-KILL_ENV = "LETHE_OPERATOR_KILL_AT"  # fault injection for the restart tests
 KEYS_DIR_ENV = "LETHE_KEYS_DIR"  # the operator's own keys (models without a keysSecret)
 RAY_ADDRESSES_ENV = "LETHE_RAY_ADDRESSES"  # Ray Jobs API URLs models may use (chart values)
 CREDENTIALS_LABEL = "lethe.dev/s3-credentials"  # "true": the namespace admin's opt-in
@@ -63,11 +62,9 @@ class Events(Protocol):
 
 
 def kill_point(name: str) -> None:
-    """Die here as ``kill -9`` would make us, when the restart tests ask for it: state
-    must live in Kubernetes and S3, never in this process."""
-    if os.environ.get(KILL_ENV) == name:
-        log.warning("%s=%s: SIGKILL", KILL_ENV, name)
-        os.kill(os.getpid(), signal.SIGKILL)
+    """Die here as ``kill -9`` would make us, when the restart tests ask for it
+    (``lethe.faults``): state must live in Kubernetes and S3, never in this process."""
+    FAULTS.kill_point(name)
 
 
 def now_iso() -> str:

@@ -47,7 +47,6 @@ from lethe_operator.batches import (
 )
 from lethe_operator.context import (
     GROUP,
-    KILL_ENV,
     MODELS,
     REQUESTS,
     VERSION,
@@ -76,7 +75,6 @@ from lethe_operator.raylaunch import RayJobs
 
 __all__ = [
     "GROUP",
-    "KILL_ENV",
     "MODELS",
     "REQUESTS",
     "VERSION",

@@ -24,7 +24,7 @@ from typing import Any
 
 import kopf
 
-from lethe_operator import control, erasures, wakeup
+from lethe_operator import control, erasures, kuberay, wakeup
 from lethe_operator.context import (
     GROUP,
     MODELS,
@@ -207,6 +207,22 @@ def request_changed(body: kopf.Body, type: str | None, **_: Any) -> None:  # noq
     if type in ("ADDED", "MODIFIED") and status.get("phase") == "Quarantined":
         if not status.get("batchId"):
             wakeup.wake(body["metadata"]["namespace"])
+
+
+def rayjob_ended(body: kopf.Body, **_: Any) -> None:
+    """Wake the model a KubeRay RayJob of Lethe's belongs to when the job has ended
+    (``kuberay.job_status``: the same reading the model's loop makes of it)."""
+    meta = body.get("metadata") or {}
+    model = (meta.get("labels") or {}).get(kuberay.MODEL_LABEL)
+    if model and kuberay.job_status("", body).done:
+        log.info("RayJob %s ended: waking model %s", meta.get("name"), model)
+        wakeup.wake(meta.get("namespace", ""), model)
+
+
+if kuberay.watch_enabled():  # RBAC to watch RayJobs (chart: rbac.rayJobs)
+    kopf.on.event(kuberay.GROUP, kuberay.VERSION, kuberay.PLURAL, labels=kuberay.MANAGED_BY)(
+        rayjob_ended
+    )
 
 
 @kopf.on.delete(GROUP, VERSION, REQUESTS)

@@ -69,6 +69,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import os
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -84,6 +85,8 @@ MAX_NAME = 47  # KubeRay's MaxRayJobNameLength (MaxRayClusterNameLength 53 - 6)
 CLUSTER_KEY = "ray.io/cluster"  # the only clusterSelector key KubeRay reads
 SUBMISSION = "lethe.dev/submission-id"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "lethe"}
+MODEL_LABEL = "lethe.dev/model"  # the ShardedModel a RayJob works for (its loop is woken)
+WATCH_ENV = "LETHE_WATCH_RAYJOBS"  # "1": watch RayJobs, so their end wakes their model
 # SECRET_ENV (raylaunch) never goes in runtimeEnvYAML: it comes from a Secret
 # (rayClusterSpec) or the cluster
 SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")  # keys of credentialsSecret
@@ -124,6 +127,12 @@ def job_status(submission_id: str, obj: Mapping[str, Any]) -> JobStatus:
         return JobStatus(submission_id, "RUNNING", text)
     name = obj.get("metadata", {}).get("name", "")
     return JobStatus(submission_id, "PENDING", text or f"RayJob {name}: {deployment or 'new'}")
+
+
+def watch_enabled() -> bool:
+    """Whether the operator watches RayJobs (it needs RBAC ``watch`` on them; the chart
+    sets ``LETHE_WATCH_RAYJOBS=1`` with ``rbac.rayJobs``)."""
+    return os.environ.get(WATCH_ENV) == "1"
 
 
 def owner_references(owners: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -263,7 +272,7 @@ class KubeRayJobs:
         labels = dict(MANAGED_BY)
         for key, value in (
             (SUBMISSION, submission_id),
-            ("lethe.dev/model", self.model),
+            (MODEL_LABEL, self.model),
             ("lethe.dev/job", args[0] if args else ""),
         ):
             if value and label_value(value):

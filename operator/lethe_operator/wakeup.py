@@ -9,8 +9,9 @@ nothing reports: a deadline coming due, a Secret edited). It is woken by:
 - its own step that formed or closed a batch (``handlers.model_loop`` runs again);
 - the end of a retrain or train it started on a cluster's Jobs API
   (``raylaunch.RayJobs.until_done``: the retrain agent's long-poll, or a Ray job's log
-  stream, a websocket that Ray closes when the job ends). KubeRay RayJobs are not
-  watched yet: the fallback notices their end.
+  stream, a websocket that Ray closes when the job ends), or of a KubeRay RayJob
+  (``handlers.rayjob_ended``: a kopf watch on Lethe's RayJobs, with
+  ``LETHE_WATCH_RAYJOBS=1``, which the chart sets with ``rbac.rayJobs``).
 
 Handlers run in threads and the daemons in kopf's event loop; ``wake`` may be called
 from either.

@@ -23,9 +23,17 @@ def id_hash(value: str) -> str:
 class DictStore:
     def __init__(self) -> None:
         self.objects: dict[str, bytes] = {}
+        self.ranges: list[int] = []  # the length of each ranged read
 
     def get(self, key: str) -> bytes:
         return self.objects[key]
+
+    def size(self, key: str) -> int:
+        return len(self.objects[key])
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        self.ranges.append(length)
+        return self.objects[key][start : start + length]
 
     def add(self, key: str, table: pa.Table) -> FileRef:
         body = dataio.encode(table)

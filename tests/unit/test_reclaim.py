@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from lethe import localstack
 from lethe.reclaim import BACKENDS, Reclaim, backend_from_env, backend_of, reclaim
+from lethe_dev import localstack
 
 
 @pytest.mark.parametrize(

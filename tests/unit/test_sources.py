@@ -72,3 +72,24 @@ def test_a_record_may_not_name_a_file_outside_its_datasets_bucket() -> None:
     with pytest.raises(FileUnreadable, match="dataset's bucket 'tenant-a'") as e:
         decoder.decode_all(["s3://tenant-b/people/person-0042.png"])
     assert "person-0042" not in str(e.value)
+
+
+def test_parquet_is_read_a_row_group_at_a_time_in_order(tmp_path) -> None:
+    """Every row of every row group, in the file's order, in batches no larger than
+    asked for (one read over the whole file kept what it read until the end)."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    from lethe.sources import _file_batches
+
+    t = pa.table({"record_id": [f"r{i:04d}" for i in range(2500)], "x": np.arange(2500.0)})
+    path = tmp_path / "k=v" / "part.parquet"
+    path.parent.mkdir()
+    pq.write_table(t, path, row_group_size=1000)
+    batches = list(
+        _file_batches(pafs.LocalFileSystem(), str(path), None, "parquet", str(tmp_path) + "/", 300)  # type: ignore[arg-type]
+    )
+    assert max(b.num_rows for b in batches) <= 300
+    got = pa.Table.from_batches(batches)
+    assert got.column("record_id").to_pylist() == t.column("record_id").to_pylist()
+    assert set(got.column("k").to_pylist()) == {"v"}  # the hive partition, as a column

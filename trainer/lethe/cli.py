@@ -91,7 +91,7 @@ def _load_dev_env(args: argparse.Namespace) -> None:
     """Use the local stack's settings only when asked (``--dev``): on AWS the endpoint
     is unset as a rule, and a dev stack that happens to run must not catch the command."""
 
-    from lethe import localstack
+    from lethe_dev import localstack
 
     if not args.dev:
         return
@@ -477,7 +477,7 @@ def cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
-    from lethe.demo import run_demo
+    from lethe_dev.demo import run_demo
 
     return run_demo(json_mode=args.json, keep=args.keep, engine=args.engine)
 
@@ -485,7 +485,7 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_dev(args: argparse.Namespace) -> dict[str, Any]:
     """The local stack: SeaweedFS, a Ray head and (unless --no-kube) etcd + kube-apiserver
     with the CRDs installed. Writes <state>/env and <state>/kubeconfig; idempotent."""
-    from lethe import kubestack, localstack
+    from lethe_dev import kubestack, localstack
 
     state = Path(args.state_dir)
     if args.action == "down":
@@ -888,7 +888,7 @@ def failed(e: BaseException, as_json: bool) -> int:
 def _disconnect_ray() -> None:
     """Ray's driver prints raylet warnings to stdout whenever they arrive; disconnect
     first so that the JSON object really is the last line."""
-    from lethe.localstack import disconnect_ray
+    from lethe.training import disconnect_ray
 
     disconnect_ray()
     sys.stdout.flush()

@@ -7,8 +7,11 @@ rows always give the same bytes and therefore the same key.
 
 from __future__ import annotations
 
+import hashlib
 import io
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -54,11 +57,49 @@ def index_table(record_ids: list[str], subject_ids: list[str], slices: list[int]
     )
 
 
+ROW_GROUP_ROWS = 65_536  # rows per row group of every data, index and test file
+
+
 def encode(table: pa.Table) -> bytes:
-    table = table.sort_by("record_id") if table.num_rows else table
+    """The bytes of a data, index or test file: rows in record-id order, row groups of
+    ROW_GROUP_ROWS. The same rows always give the same bytes, however they were
+    ordered or chunked: a patched file and a fresh ingest of its rows hash alike."""
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd", write_statistics=False)
+    write_rows(buf, table.schema, sorted_chunks(table))
     return buf.getvalue()
+
+
+def write_rows(sink: Any, schema: pa.Schema, chunks: Iterable[pa.Table]) -> None:
+    """Write ``chunks`` (``sorted_chunks``' output, maybe transformed row for row) as
+    one Parquet file, a row group each: ``encode``'s bytes, streamed."""
+    with pq.ParquetWriter(sink, schema, compression="zstd", write_statistics=False) as w:
+        for chunk in chunks:
+            w.write_table(chunk)
+
+
+def sorted_chunks(table: pa.Table, rows: int | None = None) -> Iterator[pa.Table]:
+    """``table``'s rows in record-id order, ``rows`` at a time. Gathered from each of
+    its chunks separately: Arrow's ``take`` over a chunked table concatenates the whole
+    table first, which would hold a second copy of it."""
+    if not table.num_rows:
+        yield table  # one empty row group, as pyarrow writes an empty table
+        return
+    rows = rows or ROW_GROUP_ROWS
+    batches = [b for b in table.to_batches() if b.num_rows]
+    starts = np.cumsum([0] + [b.num_rows for b in batches[:-1]])
+    order = pc.sort_indices(table.column("record_id")).to_numpy().astype(np.int64)
+    source = np.searchsorted(starts, order, side="right") - 1  # the chunk of each row
+    for first in range(0, len(order), rows):
+        idx, src = order[first : first + rows], source[first : first + rows]
+        grouped = np.argsort(src, kind="stable")  # by chunk, in sorted order within one
+        pieces = [
+            batches[b].take(pa.array(idx[src == b] - starts[b]))
+            for b in np.unique(src)  # ascending, as argsort grouped them
+        ]
+        gathered = pa.Table.from_batches(pieces, schema=table.schema).combine_chunks()
+        back = np.empty_like(grouped)
+        back[grouped] = np.arange(len(grouped))
+        yield gathered.take(pa.array(back))
 
 
 def column_names(body: bytes) -> list[str]:
@@ -83,19 +124,115 @@ def write_content_addressed(
     """Write ``table`` under its content hash. With ``tombstone_for``, refuse to write
     bytes that were once purged (the same bytes hold the same erased rows)."""
     body = encode(table)
-    sha = sha256_hex(body)
+    return _put_addressed(
+        store,
+        sha256_hex(body),
+        table.num_rows,
+        key_for,
+        tombstone_for,
+        lambda k: store.put(k, body),
+    )
+
+
+def put_file_content_addressed(
+    store: Store,
+    path: Path,
+    rows: int,
+    key_for: Callable[[str], str],
+    tombstone_for: Callable[[str], str] | None = None,
+) -> FileRef:
+    """``write_content_addressed`` for a file already encoded on local disk (``write_rows``),
+    hashed and uploaded streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return _put_addressed(
+        store, digest.hexdigest(), rows, key_for, tombstone_for, lambda k: store.put_file(k, path)
+    )
+
+
+def _put_addressed(
+    store: Store,
+    sha: str,
+    rows: int,
+    key_for: Callable[[str], str],
+    tombstone_for: Callable[[str], str] | None,
+    put: Callable[[str], object],
+) -> FileRef:
     key = key_for(sha)
     if tombstone_for is not None and store.exists(tombstone_for(sha)):
         raise Tombstoned(
             f"{key}: these exact bytes were purged by an erasure and may not be written again"
         )
     if not store.exists(key):
-        store.put(key, body)
-    return FileRef(key, sha, table.num_rows)
+        put(key)
+    return FileRef(key, sha, rows)
 
 
 def read_table(store: Store, ref: FileRef, columns: list[str] | None = None) -> pa.Table:
     return decode(store.get(ref.key), columns)
+
+
+SCAN_ROWS = 16_384  # rows a scan holds at a time (``select_rows``)
+
+
+def select_rows(
+    store: Store,
+    ref: FileRef,
+    columns: list[str],
+    match: Callable[[pa.RecordBatch], np.ndarray],
+) -> pa.Table:
+    """The rows of a Parquet object where ``match`` is true: those of ``columns`` that the
+    file has, plus ``_row``, each row's position in the file. The object is read by
+    ranged reads of its footer and those columns' chunks, decoded SCAN_ROWS rows at a
+    time: what the keyed side reads of an index, test or slice file (ids, never the
+    features), in memory bounded by a batch and the matches, not by the file."""
+    parts: list[pa.Table] = []
+    offset = 0
+    with _RangedObject(store, ref.key) as f:
+        pf = pq.ParquetFile(f)
+        present = [c for c in columns if c in pf.schema_arrow.names]
+        for batch in pf.iter_batches(batch_size=SCAN_ROWS, columns=present):
+            rows = np.flatnonzero(match(batch))
+            if len(rows):
+                hits = pa.Table.from_batches([batch]).take(pa.array(rows, pa.int64()))
+                parts.append(hits.append_column("_row", pa.array(rows + offset, pa.int64())))
+            offset += batch.num_rows
+    if parts:
+        return pa.concat_tables(parts)
+    schema = pa.schema([*(pf.schema_arrow.field(c) for c in present), ("_row", pa.int64())])
+    return schema.empty_table()
+
+
+class _RangedObject(io.RawIOBase):
+    """A read-only, seekable file over one S3 object: each read is one ranged GET."""
+
+    def __init__(self, store: Store, key: str) -> None:
+        self.store, self.key = store, key
+        self.length = store.size(key)
+        self.pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.length}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        n = max(0, min(len(buffer), self.length - self.pos))
+        data = self.store.get_range(self.key, self.pos, n)
+        buffer[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
 
 
 def features_and_labels(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:

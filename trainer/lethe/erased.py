@@ -167,9 +167,13 @@ def locate(
         refs.append((gen.test, None))
     files = []
     for ref, shard in refs:
-        ids = dataio.read_table(store, ref, ["record_id"]).column("record_id")
-        rows = np.flatnonzero(dataio.hashed_mask(ids, id_hash, hashes))
-        files.append(FileRows(ref, tuple(int(i) for i in rows), shard))
+        hits = dataio.select_rows(
+            store,
+            ref,
+            ["record_id"],
+            lambda b: dataio.hashed_mask(b.column("record_id"), id_hash, hashes),
+        )
+        files.append(FileRows(ref, tuple(hits.column("_row").to_pylist()), shard))
     order = EraseOrder(plan.batch_id, tuple(files), storage)
     found = sum(len(f.rows) for f in files)
     if found != plan.records_erased:

@@ -63,6 +63,7 @@ from lethe.erased import (
     write_order,
 )
 from lethe.errors import ErasureFailed, IntegrityFailure
+from lethe.faults import FAULTS, Faults
 from lethe.generations import Live, read_consistent, read_live, update
 from lethe.layout import ModelLayout, sha_of_key
 from lethe.store import NotFound, PreconditionFailed, Store
@@ -77,7 +78,6 @@ STEPS = (
     "purge",
     "certify",
 )
-CRASH_ENV = "LETHE_CRASH_AFTER"  # fault injection for the crash-and-repeat tests
 
 
 class Trainer(Protocol):
@@ -119,6 +119,7 @@ class Engine:
     storage_backend: str | None = None  # for reclaiming deleted bytes (lethe.reclaim)
     storage_admin: str | None = None  # e.g. the SeaweedFS master URL
     claim_ttl_seconds: float = 60.0  # a retrain's lease on a lineage, renewed while it runs
+    faults: Faults = FAULTS  # fault injection (``lethe.faults``; the tests' crashes)
     # which rows are erased: by keyed hash (default), or by the ids an erase order
     # names (a batch's data job, which holds no key: ``run_batch``)
     erased: ErasedRows | None = None
@@ -179,7 +180,7 @@ class Engine:
         ``run_batch``)."""
         batch = batch or batch_id(self.model, requests)
         plan = self._plan(batch, requests, requested_at or time.time())
-        _crash_point("plan")
+        self.faults.crash_point("plan")
         if not patch:
             if plan.record_hashes:
                 self._once(plan, "quarantine", lambda: self._quarantine(plan))
@@ -219,20 +220,32 @@ class Engine:
         """The batch's job (on the Ray cluster, with no key): patch and purge the data
         by the batch's erase order, retrain and commit beside the purge. Safe to run
         again after a crash anywhere; the order goes once the data is erased."""
-        if not self.data_erased(plan):
-            self.order = read_order(self.store, self.layout, plan.batch_id)
-            self.storage_backend = self.storage_backend or self.order.storage.get("backend")
-            self.storage_admin = self.storage_admin or self.order.storage.get("admin")
-            prewarm = getattr(self.trainer, "prewarm", None)
-            if prewarm is not None:
-                prewarm(read_live(self.store, self.layout).generation.config, len(plan.shards))
-            self._once(plan, "patch", lambda: self._patch(plan))
+        self.patch_by_order(plan)
         purging = _Background(lambda: self.purge_data(plan))
         try:
             self.retrain(plan)
         finally:
             purging.join()
         drop_order(self.store, self.layout, plan.batch_id)
+
+    def erase_data_by_order(self, plan: ErasurePlan) -> None:
+        """``run_batch`` without the retrain: the data work alone (``make bench-ingest``)."""
+        self.patch_by_order(plan)
+        self.purge_data(plan)
+        drop_order(self.store, self.layout, plan.batch_id)
+
+    def patch_by_order(self, plan: ErasurePlan) -> None:
+        """Take the batch's erase order (the rows by position) and patch; the ids are
+        read back only when a step needs them."""
+        if self.data_erased(plan):
+            return
+        self.order = read_order(self.store, self.layout, plan.batch_id)
+        self.storage_backend = self.storage_backend or self.order.storage.get("backend")
+        self.storage_admin = self.storage_admin or self.order.storage.get("admin")
+        prewarm = getattr(self.trainer, "prewarm", None)
+        if prewarm is not None:  # warm retrain lanes start while the data is patched
+            prewarm(read_live(self.store, self.layout).generation.config, len(plan.shards))
+        self._once(plan, "patch", lambda: self._patch(plan))
 
     def _erased(self, plan: ErasurePlan) -> ErasedRows:
         """Which rows are erased: from the erase order if this engine runs a batch's
@@ -266,11 +279,11 @@ class Engine:
             if not self.committed(plan):
                 raise ErasureFailed("NotRetrained", f"batch {plan.batch_id} is not committed yet")
             self._once(plan, "purge", lambda: self._purge(plan))
-            self._check_erased(plan)
+            self.check_erased(plan)
         drop_order(self.store, self.layout, plan.batch_id)  # a job that died after the purge
         return self._certify(plan)
 
-    def _check_erased(self, plan: ErasurePlan) -> None:
+    def check_erased(self, plan: ErasurePlan) -> None:
         """The keyed side's own look before it certifies: no record of the plan is left
         in the live index, data or test files of the shards it touched. (The job erased
         by an order it cannot authenticate; an order edited behind its back would have
@@ -283,8 +296,10 @@ class Engine:
             for ref in (live.shards[k].index, *(s.data for s in live.shards[k].slices))
         ]
         for ref in refs:
-            ids = dataio.read_table(self.store, ref, ["record_id"]).column("record_id")
-            if erased.records(ids).any():
+            left = dataio.select_rows(
+                self.store, ref, ["record_id"], lambda b: erased.records(b.column("record_id"))
+            )
+            if left.num_rows:
                 raise IntegrityError(
                     f"batch {plan.batch_id}: live object {ref.key} still holds erased "
                     "records after the data was erased (was the erase order edited?)"
@@ -400,7 +415,7 @@ class Engine:
             # on them (and needs no ids for that).
             if not self.store.put_json_if_absent(marker, {"tainted": sorted(tainted)}):
                 tainted |= set(self.store.get_json(marker)["tainted"])
-            _crash_point("purge-plan")
+            self.faults.crash_point("purge-plan")
         for key in sorted(tainted):
             self.store.put_json_if_absent(
                 self.layout.tombstone(sha_of_key(key)), {"batch": plan.batch_id, "key": key}
@@ -585,7 +600,7 @@ class Engine:
                             self._train_with_retries(gen.config, tasks)
                     except StaleLineage:
                         continue  # a concurrent erasure purged our input: train the live data
-                    _crash_point("retrain")
+                    self.faults.crash_point("retrain")
                 for k in set(todo) - set(mine):
                     self.progress("retrain", f"shard {k} is being retrained by another batch")
                     self._wait_for_claim(claims[k])
@@ -807,7 +822,7 @@ class Engine:
             "storage": base.get("storage"),
         }
         self.store.put_json_if_absent(self.layout.result(plan.batch_id), result)
-        _crash_point("certify")
+        self.faults.crash_point("certify")
         self.progress("certify", f"{len(certificates)} certificate(s) written")
         return result
 
@@ -827,7 +842,7 @@ class Engine:
         if self._marker(plan, step) is not None:
             return
         self._write_marker(plan, step, run())
-        _crash_point(step)
+        self.faults.crash_point(step)
 
     def _step(
         self, plan: ErasurePlan, step: str, run: Callable[[], dict[str, Any]]
@@ -857,11 +872,6 @@ class _Background:
         self.thread.join()
         if self.error is not None:
             raise self.error
-
-
-def _crash_point(step: str) -> None:
-    if os.environ.get(CRASH_ENV) == step:
-        os._exit(75)
 
 
 def batch_id(model: str, requests: Iterable[ErasureRequest]) -> str:
@@ -973,33 +983,36 @@ def make_plan(
     found: dict[str, tuple[str, int, int]] = {}  # record id -> (subject id, shard, slice)
     uris: set[str] = set()  # of file-backed records (their index names them)
     uris_indexed = True
-    for k in shards_to_read:
-        index = dataio.read_table(store, gen.shards[k].index)
-        mask = dataio.isin(index.column("subject_id"), subjects) | dataio.isin(
-            index.column("record_id"), records
+
+    def named(batch: pa.RecordBatch) -> np.ndarray:
+        return dataio.isin(batch.column("subject_id"), subjects) | dataio.isin(
+            batch.column("record_id"), records
         )
-        rows = np.flatnonzero(mask)
-        for i in rows:
-            found[index.column("record_id")[i].as_py()] = (
-                index.column("subject_id")[i].as_py(),
-                k,
-                int(index.column("slice")[i].as_py()),
-            )
+
+    for k in shards_to_read:
+        index = dataio.select_rows(
+            store, gen.shards[k].index, ["record_id", "subject_id", "slice", "uri"], named
+        )
+        for rid, sid, r in zip(
+            index.column("record_id").to_pylist(),
+            index.column("subject_id").to_pylist(),
+            index.column("slice").to_pylist(),
+            strict=True,
+        ):
+            found[rid] = (sid, k, int(r))
         if "uri" in index.column_names:
-            uris.update(index.column("uri").take(pa.array(rows, pa.int64())).to_pylist())
+            uris.update(index.column("uri").to_pylist())
         else:
             uris_indexed = False
     with_uri = ["uri"] if cfg.columns.file else []
-    test = dataio.read_table(store, gen.test, ["record_id", "subject_id", *with_uri])
-    tmask = dataio.isin(test.column("subject_id"), subjects) | dataio.isin(
-        test.column("record_id"), records
+    test = dataio.select_rows(store, gen.test, ["record_id", "subject_id", *with_uri], named)
+    test_found = dict(
+        zip(
+            test.column("record_id").to_pylist(), test.column("subject_id").to_pylist(), strict=True
+        )
     )
-    test_rows = np.flatnonzero(tmask)
-    test_found = {
-        test.column("record_id")[i].as_py(): test.column("subject_id")[i].as_py() for i in test_rows
-    }
     if with_uri:
-        uris.update(test.column("uri").take(pa.array(test_rows, pa.int64())).to_pylist())
+        uris.update(test.column("uri").to_pylist())
 
     first: dict[int, int] = {}
     per_shard: dict[int, int] = {}

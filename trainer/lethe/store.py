@@ -11,6 +11,7 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -121,6 +122,28 @@ class Store:
     def get_json(self, key: str) -> Any:
         return json.loads(self.get(key))
 
+    def size(self, key: str) -> int:
+        try:
+            return int(self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
+        except botocore.exceptions.ClientError as e:
+            if _code(e) in MISSING:
+                raise NotFound(key) from None
+            raise
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        """``length`` bytes of an object from ``start`` (fewer at its end)."""
+        if length <= 0:
+            return b""
+        try:
+            r = self.client.get_object(
+                Bucket=self.bucket, Key=key, Range=f"bytes={start}-{start + length - 1}"
+            )
+        except botocore.exceptions.ClientError as e:
+            if _code(e) in MISSING:
+                raise NotFound(key) from None
+            raise
+        return r["Body"].read()
+
     def get_version(self, key: str, version_id: str) -> bytes:
         """One version's bytes; NotFound if it is gone (a concurrent purge deleted it
         between a listing and this read)."""
@@ -164,6 +187,14 @@ class Store:
     def put(self, key: str, body: bytes, content_type: str = "application/octet-stream") -> str:
         """Write key; returns the new version's id ("null" where versioning is off)."""
         r = self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
+        return str(r.get("VersionId") or "null")
+
+    def put_file(self, key: str, path: str | Path) -> str:
+        """Write key from a local file, streamed (not read into memory first)."""
+        with open(path, "rb") as f:
+            r = self.client.put_object(
+                Bucket=self.bucket, Key=key, Body=f, ContentType="application/octet-stream"
+            )
         return str(r.get("VersionId") or "null")
 
     def put_json(self, key: str, obj: Any) -> None:

@@ -13,6 +13,7 @@ import functools
 import json
 import math
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -27,12 +28,12 @@ from lethe.core.config import ModelConfig
 from lethe.core.cost import ShardRun
 from lethe.core.manifest import Generation
 from lethe.errors import LetheError, TransientError
+from lethe.faults import FAULTS
 from lethe.layout import ModelLayout
 from lethe.store import NotFound, S3Settings, Store
 
 # Fault injection for the failure-path tests: workers of a driver started with this set
 # to "1" fail at once, as a real Ray Train run does when its worker raises.
-FAULT_ENV = "LETHE_INJECT_TRAIN_FAILURE"
 
 
 class RetrainFailed(LetheError, RuntimeError):
@@ -59,7 +60,7 @@ class ShardTask:
     report_prefix: str = ""  # where each attempt's resource report goes ("" = nowhere)
     attempt: str = ""  # set per Ray Train run by the trainer
     submitted_at: float = 0.0  # when that run was submitted (its start-up counts as cost)
-    inject_failure: bool = False  # fault injection (FAULT_ENV of the submitting driver)
+    inject_failure: bool = False  # fault injection (``lethe.faults`` of the submitting driver)
 
 
 def _write_report(store: Store, task: ShardTask, cfg: ModelConfig, **fields: Any) -> None:
@@ -258,8 +259,7 @@ def train_shard_loop(config: dict[str, Any]) -> None:
     """The worker function of a cold Ray Train run (one run per shard task)."""
     import ray.train
 
-    if os.environ.get(FAULT_ENV) == "1" or config["task"].get("inject_failure"):
-        raise RuntimeError(f"injected training failure ({FAULT_ENV}=1)")
+    FAULTS.check_training(bool(config["task"].get("inject_failure")))
     cfg = ModelConfig.from_json(config["model"])
     task = ShardTask(**config["task"])
     ctx = ray.train.get_context()
@@ -277,6 +277,16 @@ def train_shard_loop(config: dict[str, Any]) -> None:
             ray.train.report(metrics)
 
     train_shard(cfg, task, Store(S3Settings.from_env()), rank, world, report)
+
+
+def disconnect_ray() -> None:
+    """End this process's Ray driver connection, if it has one. Do it before the head
+    goes away: ``ray.shutdown()`` after that hangs."""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 def connect_ray(address: str | None, settings: S3Settings) -> None:
@@ -306,8 +316,7 @@ def connect_ray(address: str | None, settings: S3Settings) -> None:
         # Inside a Ray job (the operator's): the job's runtime env carries the public S3
         # settings too; let ray.init combine the two instead of refusing.
         os.environ["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
-    if os.environ.get(FAULT_ENV):
-        env[FAULT_ENV] = os.environ[FAULT_ENV]
+    env.update(FAULTS.env())
     target = address or os.environ.get("RAY_ADDRESS") or "auto"
     if target not in ("auto", "local"):
         # Ray's own actors (Train's placement-group cleaner) find the cluster's state
@@ -389,7 +398,7 @@ class RayTrainer:
             **{
                 **asdict(task),
                 "attempt": uuid.uuid4().hex[:12],
-                "inject_failure": task.inject_failure or os.environ.get(FAULT_ENV) == "1",
+                "inject_failure": task.inject_failure or FAULTS.fail_training,
             }
         )
         task.submitted_at = time.time()

@@ -385,7 +385,8 @@ def lane_loop(config: dict[str, Any]) -> None:
     import ray
     import ray.train
 
-    from lethe.training import FAULT_ENV, ShardTask, train_shard
+    from lethe.faults import FAULTS
+    from lethe.training import ShardTask, train_shard
 
     service = ray.get_actor(SERVICE_NAME, namespace=NAMESPACE)
     ctx = ray.train.get_context()
@@ -398,8 +399,7 @@ def lane_loop(config: dict[str, Any]) -> None:
         seen = body["seq"]
         try:
             task = ShardTask(**body["task"])
-            if task.inject_failure:
-                raise RuntimeError(f"injected training failure ({FAULT_ENV}=1)")
+            FAULTS.check_training(task.inject_failure)
             cfg = ModelConfig.from_json(body["model"])
             store = store_for(body["s3"])
             metrics = train_shard(cfg, task, store, rank, world, lambda m, last: None)

@@ -75,10 +75,11 @@ them, in a ClusterRole). Each verb is one the operator calls; see the README. */
   verbs: [create]
 {{- if .Values.rbac.rayJobs }}
 # spec.ray.rayJob: one KubeRay RayJob per submission, found again by name after a restart
-# (garbage collection deletes them, not the operator)
+# (garbage collection deletes them, not the operator); watched, so that a job's end
+# wakes its model at once
 - apiGroups: [ray.io]
   resources: [rayjobs]
-  verbs: [get, list, create]
+  verbs: [get, list, watch, create]
 {{- end }}
 {{- end -}}
 

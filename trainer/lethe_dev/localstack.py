@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lethe.training import disconnect_ray
+
 HOST = "127.0.0.1"
 ACCESS_KEY = "lethe-local-access"  # distinct enough to search for in Ray's metadata
 SECRET_KEY = "lethe-local-secret"
@@ -298,7 +300,7 @@ def up(
     try:
         ray_address, dashboard, ray_pid, agent_port = start_ray(state_dir, num_cpus)
     except Exception:
-        _stop(sw.pid)
+        stop_process(sw.pid)
         raise
     st = StackState(
         str(state_dir),
@@ -322,7 +324,8 @@ def up(
     return st
 
 
-def _stop(pid: int) -> None:
+def stop_process(pid: int) -> None:
+    """Stop a server this module spawned (its whole process group): TERM, then KILL."""
     for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(pid, sig)
@@ -337,16 +340,6 @@ def _stop(pid: int) -> None:
             time.sleep(0.2)
 
 
-def disconnect_ray() -> None:
-    """End this process's Ray driver connection, if it has one. Do it before the head
-    goes away: ``ray.shutdown()`` after that hangs."""
-    if "ray" in sys.modules:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
-
-
 def down(state_dir: Path = DEFAULT_STATE) -> bool:
     f = state_dir / "stack.json"
     if not f.exists():
@@ -354,6 +347,6 @@ def down(state_dir: Path = DEFAULT_STATE) -> bool:
     st = json.loads(f.read_text())
     disconnect_ray()
     for key in ("ray_pid", "weed_pid"):
-        _stop(int(st[key]))
+        stop_process(int(st[key]))
     f.unlink()
     return True

@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lethe.localstack import HOST, _spawn, _stop, _tool, _wait, free_port
+from lethe_dev.localstack import HOST, _spawn, _tool, _wait, free_port, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "tools" / "build-kube-apiserver.sh"
@@ -175,15 +175,15 @@ def start(state: Path) -> KubeState:
             log,
         )
     except Exception:
-        _stop(etcd_pid)
+        stop_process(etcd_pid)
         raise
     kubeconfig = state / "kubeconfig"
     write_kubeconfig(kubeconfig, server, token)
     try:
         _wait(lambda: _kubectl_ok(kubeconfig), "kube-apiserver", 120, log)
     except Exception:
-        _stop(pid)
-        _stop(etcd_pid)
+        stop_process(pid)
+        stop_process(etcd_pid)
         raise
     st = KubeState(server, str(kubeconfig), token, etcd_pid, pid)
     (state / "kube.json").write_text(json.dumps(asdict(st), indent=1))
@@ -229,8 +229,8 @@ def stop(state: Path) -> bool:
     if not f.exists():
         return False
     st = json.loads(f.read_text())
-    _stop(int(st["apiserver_pid"]))
-    _stop(int(st["etcd_pid"]))
+    stop_process(int(st["apiserver_pid"]))
+    stop_process(int(st["etcd_pid"]))
     f.unlink()
     return True
 

@@ -49,7 +49,6 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from lethe import localstack
 from lethe.calibration import record_from_model
 from lethe.core.config import ModelConfig, TrainerConfig
 from lethe.core.plan import ErasureRequest
@@ -58,10 +57,11 @@ from lethe.erasure import Engine, request_uid
 from lethe.generations import read_live
 from lethe.ingest import ingest_table
 from lethe.layout import ModelLayout
-from lethe.localstack import free_port
 from lethe.store import S3Settings, Store
 from lethe.training import RayTrainer, train_model
 from lethe.verify import verify
+from lethe_dev import localstack
+from lethe_dev.localstack import free_port
 from lethe_operator.batches import RequestPhase  # the phases the demo watches
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -377,7 +377,7 @@ def _tidy(message: str) -> str:
 
 
 def _kubectl(kubeconfig: str, *args: str, stdin: str | None = None) -> str:
-    from lethe.kubestack import kubectl
+    from lethe_dev.kubestack import kubectl
 
     r = kubectl(kubeconfig, *args, stdin=stdin)
     if r.returncode != 0:
@@ -394,7 +394,7 @@ def _erase_through_operator(
     tag: str,
 ) -> dict[str, Any]:
     """A private kube-apiserver + etcd and the operator; ``kubectl apply`` the examples."""
-    from lethe import kubestack
+    from lethe_dev import kubestack
 
     try:
         with console.status("starting etcd, kube-apiserver and the operator"):
