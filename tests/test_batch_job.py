@@ -196,3 +196,18 @@ def test_an_order_that_does_not_match_is_refused(store: Store, trainer: RayTrain
         engine2.finish(plan2)
     assert not any(i in str(e.value) for i in ids_of(table, subjects[5]) | ids_of(table, other))
     assert not store.exists(layout.result(plan2.batch_id))  # nothing certified
+
+
+def test_one_engine_erases_batch_after_batch(store: Store, trainer: RayTrainer) -> None:
+    """An engine kept for several erasures (a service, a benchmark) erases each batch's
+    own rows: the first version kept the first batch's rows for good, left the second
+    batch's in the data, and only the check before certifying stopped it."""
+    table = small_table(subjects=40, seed=13)
+    layout, cfg, _ = ingest_small(store, unique_model("one-engine"), table, shards=2, slices=2)
+    train_model(store, layout, trainer)
+    engine = keyed(store, layout, trainer)
+    for subject in training_subjects(table, cfg)[:2]:
+        result = engine.erase([ErasureRequest(request_uid(cfg.name, [subject], []), (subject,))])
+        assert versions_holding(store, layout.root, ids_of(table, subject)) == []
+        cert = store.get_json(next(iter(result["certificates"].values())))
+        assert verify(store, cert).ok

@@ -120,11 +120,10 @@ class Engine:
     storage_admin: str | None = None  # e.g. the SeaweedFS master URL
     claim_ttl_seconds: float = 60.0  # a retrain's lease on a lineage, renewed while it runs
     faults: Faults = FAULTS  # fault injection (``lethe.faults``; the tests' crashes)
-    # which rows are erased: by keyed hash (default), or by the ids an erase order
-    # names (a batch's data job, which holds no key: ``run_batch``)
-    erased: ErasedRows | None = None
+    # the erase order of the batch this engine's job runs (``patch_by_order``)
     order: EraseOrder | None = None
     _tables: dict[str, Any] = field(default_factory=dict)
+    _erased_rows: dict[str, ErasedRows] = field(default_factory=dict)  # by batch, one kept
 
     @property
     def model(self) -> str:
@@ -248,14 +247,19 @@ class Engine:
         self._once(plan, "patch", lambda: self._patch(plan))
 
     def _erased(self, plan: ErasurePlan) -> ErasedRows:
-        """Which rows are erased: from the erase order if this engine runs a batch's
-        job (read when first needed: a repeated job may need none), else by hash."""
-        if self.erased is None:
-            if self.order is not None:
-                self.erased = recover(self.store, self.order, plan)
+        """Which rows ``plan`` erases: from its erase order if this engine runs the
+        batch's job (read when first needed: a repeated job may need none), else by
+        keyed hash. Kept for the batch at hand only: an engine may erase batch after
+        batch (the first version kept the first batch's rows for good, and the check
+        before certifying caught its second batch unpatched)."""
+        rows = self._erased_rows.get(plan.batch_id)
+        if rows is None:
+            if self.order is not None and self.order.batch == plan.batch_id:
+                rows = recover(self.store, self.order, plan)
             else:
-                self.erased = HashedIds.of(plan, load_keys(self.keys).id_hash)
-        return self.erased
+                rows = HashedIds.of(plan, load_keys(self.keys).id_hash)
+            self._erased_rows = {plan.batch_id: rows}
+        return rows
 
     def plan_exists(self, batch: str) -> bool:
         return self.store.exists(self.layout.plan(batch))
