@@ -45,8 +45,10 @@ def keyed(store: Store, layout: ModelLayout, trainer: RayTrainer | None = None) 
 
 
 def run_job(layout: ModelLayout, batch: str, env: dict[str, str] | None = None):
-    """The batch's job in a fresh process, as Ray would start it, with no keys."""
-    clean = {k: v for k, v in os.environ.items() if k != "LETHE_KEYS_DIR"}
+    """The batch's job in a fresh process, as Ray would start it, with no keys (and
+    without the store's master URL: the erase order says how to reclaim)."""
+    hidden = ("LETHE_KEYS_DIR", "LETHE_SEAWEEDFS_MASTER")
+    clean = {k: v for k, v in os.environ.items() if k not in hidden}
     return subprocess.run(
         [sys.executable, "-m", "lethe.jobs", "retrain", "--model-prefix", layout.prefix]
         + ["--batch", batch],
@@ -115,6 +117,7 @@ def test_keyless_job_erases_like_the_keyed_engine(
     cert = store.get_json(next(iter(result["certificates"].values())))
     verdict = verify(store, cert)
     assert verdict.ok, verdict.failures
+    assert cert["storage"]["state"] == "reclaimed", cert["storage"]  # vacuumed by the job
     (retrained,) = cert["retrained"].values()
     trained = sum(r["slices_trained"] for r in cert["shard_runs"])
     assert trained == cfg_b.slices - retrained["first_slice"]  # nothing trained twice

@@ -211,7 +211,8 @@ class Engine:
         if self.data_erased(plan) or self.store.exists(self.layout.erase_order(plan.batch_id)):
             return
         gen = read_live(self.store, self.layout).generation
-        storage = {"backend": self.storage_backend, "admin": self.storage_admin}
+        backend, admin = self._storage()
+        storage: dict[str, str | None] = {"backend": backend, "admin": admin}
         order = locate(self.store, gen, plan, load_keys(self.keys).id_hash, storage)
         write_order(self.store, self.layout, order)
 
@@ -568,15 +569,24 @@ class Engine:
             return {"policy": policy, "state": "source object gone"}
         return {"policy": policy, "state": "patched", "rows_removed": removed}
 
-    def _reclaim(self) -> dict[str, Any]:
-        """Ask the store to reclaim the bytes of what was just deleted, where it can."""
-        from lethe.reclaim import backend_from_env, backend_of, reclaim
+    def _storage(self) -> tuple[str, str | None]:
+        """The store's backend and admin URL for reclaiming: the model's own settings
+        win over this process's environment. The keyed side resolves them into the
+        erase order, so the job reclaims as the operator would (the Ray cluster's
+        environment need not know the store's master)."""
+        from lethe.reclaim import backend_from_env, backend_of
 
         backend, admin = backend_from_env(self.store.settings.endpoint)
-        if self.storage_backend:  # the model's own settings win over the environment
+        if self.storage_backend:
             backend = backend_of(self.store.settings.endpoint, self.storage_backend)
             admin = self.storage_admin
-        return reclaim(backend, admin or self.storage_admin).to_json()
+        return backend, admin or self.storage_admin
+
+    def _reclaim(self) -> dict[str, Any]:
+        """Ask the store to reclaim the bytes of what was just deleted, where it can."""
+        from lethe.reclaim import reclaim
+
+        return reclaim(*self._storage()).to_json()
 
     # -- steps 5 and 6: retrain and commit -------------------------------------------
     def _retrain_and_commit(self, plan: ErasurePlan) -> dict[str, Any]:
