@@ -162,7 +162,10 @@ def test_an_order_that_does_not_match_is_refused(store: Store, trainer: RayTrain
         assert fingerprint(store, layout) == before  # nothing patched
         assert engine._marker(plan, "patch") is None
 
-    store.purge(key)
+    store.purge(key)  # deleted behind the operator's back: the job stops, says so
+    r = run_job(layout, plan.batch_id)
+    assert r.returncode != 0 and "its erase order is missing" in r.stderr, r.stderr[-2000:]
+    assert fingerprint(store, layout) == before and engine._marker(plan, "patch") is None
     engine.order_erasure(plan)  # the keyed side writes it again
     assert store.get_json(key) == good
     r = run_job(layout, plan.batch_id)
@@ -214,3 +217,38 @@ def test_one_engine_erases_batch_after_batch(store: Store, trainer: RayTrainer) 
         assert versions_holding(store, layout.root, ids_of(table, subject)) == []
         cert = store.get_json(next(iter(result["certificates"].values())))
         assert verify(store, cert).ok
+
+
+def test_two_jobs_of_one_batch_at_once_erase_it_once(store: Store, trainer: RayTrainer) -> None:
+    """Two writers: the same batch's job started twice at once (a retry racing a job
+    Ray still runs). The data ends erased, the batch is certified once and verifies,
+    and no slice is trained twice (the claims), whichever job finishes the work."""
+    table = small_table(subjects=40, seed=17)
+    layout, cfg, _ = ingest_small(store, unique_model("two-jobs"), table, shards=2, slices=2)
+    train_model(store, layout, trainer)
+    subject = training_subjects(table, cfg)[2]
+    engine, plan = plan_and_order(store, layout, subject, cfg.name)
+    clean = {k: v for k, v in os.environ.items() if k != "LETHE_KEYS_DIR"}
+    argv = [sys.executable, "-m", "lethe.jobs", "retrain", "--model-prefix", layout.prefix]
+    procs = [
+        subprocess.Popen(
+            [*argv, "--batch", plan.batch_id],
+            env=clean,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).parent.parent,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert any(p.returncode == 0 for p in procs), [e[-1500:] for _, e in outs]
+    if not engine.data_erased(plan) or not engine.committed(plan):
+        assert run_job(layout, plan.batch_id).returncode == 0  # a retry finishes it
+    result = engine.finish(plan)
+    assert versions_holding(store, layout.root, ids_of(table, subject)) == []
+    cert = store.get_json(next(iter(result["certificates"].values())))
+    assert verify(store, cert).ok
+    (retrained,) = cert["retrained"].values()
+    trained = sum(r["slices_trained"] for r in cert["shard_runs"])
+    assert trained == cfg.slices - retrained["first_slice"]  # nothing trained twice

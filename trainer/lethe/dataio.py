@@ -257,7 +257,10 @@ def drop_rows(table: pa.Table, mask: np.ndarray) -> pa.Table:
     return table.filter(pa.array(~mask))
 
 
-def isin(column: pa.ChunkedArray, values: Iterable[str]) -> np.ndarray:
-    return pc.is_in(column, value_set=pa.array(list(values), pa.string())).to_numpy(
-        zero_copy_only=False
-    )
+def isin(column: pa.ChunkedArray | pa.Array, values: Iterable[str]) -> np.ndarray:
+    """True where the row's id is one of ``values``; ids that are not strings (a
+    source's integer ids) compare as their text, as the keyed hashes see them."""
+    if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
+        column = pc.cast(column, pa.string())
+    found = pc.is_in(column, value_set=pa.array(list(values), pa.string()))
+    return np.asarray(found.to_numpy(zero_copy_only=False), bool)

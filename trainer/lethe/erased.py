@@ -17,13 +17,12 @@ subject-id) column are erased.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from lethe import dataio
 from lethe.core.hashing import sha256_hex
@@ -86,21 +85,10 @@ class RawIds:
         return f"RawIds({len(self.record_ids)} records, {len(self.subject_ids)} subjects)"
 
     def records(self, column: Column) -> np.ndarray:
-        return _isin(column, self.record_ids)
+        return dataio.isin(column, self.record_ids)
 
     def subjects(self, column: Column) -> np.ndarray:
-        return _isin(column, self.subject_ids)
-
-
-def _isin(column: Column, values: Iterable[str]) -> np.ndarray:
-    if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
-        column = pc.cast(column, pa.string())  # a source's integer ids, as the hashes saw them
-    return np.asarray(
-        pc.is_in(column, value_set=pa.array(sorted(values), pa.string())).to_numpy(
-            zero_copy_only=False
-        ),
-        bool,
-    )
+        return dataio.isin(column, self.subject_ids)
 
 
 # -- the erase order -----------------------------------------------------------------

@@ -185,10 +185,7 @@ class Engine:
                 self._once(plan, "quarantine", lambda: self._quarantine(plan))
             return plan
         if plan.record_hashes:
-            # warm retrain lanes start while the data is patched
-            prewarm = getattr(self.trainer, "prewarm", None)
-            if prewarm is not None:
-                prewarm(read_live(self.store, self.layout).generation.config, len(plan.shards))
+            self._prewarm(plan)
             self._once(plan, "quarantine", lambda: self._quarantine(plan))
             self._once(plan, "patch", lambda: self._patch(plan))
             if purge:
@@ -242,10 +239,14 @@ class Engine:
         self.order = read_order(self.store, self.layout, plan.batch_id)
         self.storage_backend = self.storage_backend or self.order.storage.get("backend")
         self.storage_admin = self.storage_admin or self.order.storage.get("admin")
-        prewarm = getattr(self.trainer, "prewarm", None)
-        if prewarm is not None:  # warm retrain lanes start while the data is patched
-            prewarm(read_live(self.store, self.layout).generation.config, len(plan.shards))
+        self._prewarm(plan)
         self._once(plan, "patch", lambda: self._patch(plan))
+
+    def _prewarm(self, plan: ErasurePlan) -> None:
+        """Warm retrain lanes start while the data is patched."""
+        prewarm = getattr(self.trainer, "prewarm", None)
+        if prewarm is not None:
+            prewarm(read_live(self.store, self.layout).generation.config, len(plan.shards))
 
     def _erased(self, plan: ErasurePlan) -> ErasedRows:
         """Which rows ``plan`` erases: from its erase order if this engine runs the
