@@ -51,7 +51,7 @@ from lethe.erasure import Engine, request_uid  # noqa: E402
 from lethe.ingest import ingest_table  # noqa: E402
 from lethe.layout import ModelLayout  # noqa: E402
 from lethe.predict import ensemble_accuracy  # noqa: E402
-from lethe.store import S3Settings, Store  # noqa: E402
+from lethe.store import NotFound, S3Settings, Store  # noqa: E402
 from lethe.training import RayTrainer, train_model  # noqa: E402
 from lethe_dev import kubestack, localstack  # noqa: E402
 from lethe_operator.batches import RequestPhase  # noqa: E402
@@ -136,16 +136,69 @@ def wait_ready(api: k8s.CustomObjectsApi, timeout: float = 600) -> None:
     raise TimeoutError("the model did not become Ready")
 
 
-def retrain_run_seconds(dashboard: str, submission_id: str) -> tuple[float, str]:
-    """Wall seconds of a batch's retrain and where it ran: the cluster's retrain agent
-    (``lethe.agent``) or a Ray job (driver start-up included)."""
+def retrain_run(dashboard: str, submission_id: str) -> tuple[float, float, str]:
+    """When a batch's job started and ended, and where it ran: the cluster's retrain
+    agent (``lethe.agent``) or a Ray job (driver start-up included)."""
     agent = find_agent(dashboard, int(os.environ["LETHE_AGENT_PORT"]))
     where, url = "ray job", f"{dashboard}/api/jobs/{submission_id}"
     if agent is not None and agent.status(submission_id) is not None:
         where, url = "agent", f"{agent.url}/jobs/{submission_id}"
     with urllib.request.urlopen(url, timeout=10) as r:
         info = json.loads(r.read())
-    return (info["end_time"] - info["start_time"]) / 1000, where
+    return info["start_time"] / 1000, info["end_time"] / 1000, where
+
+
+def step_times(store: Store, layout: ModelLayout, batch: str) -> dict[str, float]:
+    """When each of a batch's steps was done (its marker's time)."""
+    out = {}
+    for step in ("quarantine", "patch", "purge-data", "commit", "purge"):
+        try:
+            out[step] = float(store.get_json(layout.step(batch, step))["at"])
+        except NotFound:
+            pass
+    return out
+
+
+def operator_timeline(
+    store: Store,
+    layout: ModelLayout,
+    status: dict[str, Any],
+    created: float,
+    done: float,
+    run: tuple[float, float, str],
+) -> dict[str, float]:
+    """Where one request's seconds went through the operator."""
+    at = step_times(store, layout, status["batchId"])
+    start, end, _ = run
+    return {
+        "apply_to_quarantined": at["quarantine"] - created,  # batch formed, planned
+        "quarantined_to_job_start": start - at["quarantine"],  # erase order, submission
+        "job_start_to_patched": at["patch"] - start,
+        "patched_to_committed": at["commit"] - at["patch"],  # retrain (purge beside)
+        "committed_to_job_end": end - at["commit"],
+        "job_end_to_checkpoints_purged": at["purge"] - end,  # noticed, checkpoints purged
+        "checkpoints_purged_to_succeeded": done - at["purge"],  # check, certify, status
+    }
+
+
+def engine_timeline(
+    store: Store, layout: ModelLayout, batch: str, t0: float, t1: float
+) -> dict[str, float]:
+    """The same segments for the engine alone (no job: its start is the quarantine)."""
+    at = step_times(store, layout, batch)
+    return {
+        "apply_to_quarantined": at["quarantine"] - t0,
+        "quarantined_to_job_start": 0.0,
+        "job_start_to_patched": at["patch"] - at["quarantine"],
+        "patched_to_committed": at["commit"] - at["patch"],
+        "committed_to_job_end": max(at["commit"], at["purge-data"]) - at["commit"],
+        "job_end_to_checkpoints_purged": at["purge"] - max(at["commit"], at["purge-data"]),
+        "checkpoints_purged_to_succeeded": t1 - at["purge"],
+    }
+
+
+def medians(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {k: round(statistics.median(r[k] for r in rows), 3) for k in rows[0]}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -153,8 +206,11 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def twin_engine_seconds(store: Store, spec: dict[str, Any], subjects: list[str]) -> list[float]:
-    """Engine.erase of each subject, one at a time, on an identical copy of the model."""
+def twin_engine_seconds(
+    store: Store, spec: dict[str, Any], subjects: list[str]
+) -> tuple[list[float], list[dict[str, float]]]:
+    """Engine.erase of each subject, one at a time, on an identical copy of the model:
+    its seconds, and where they went."""
     t = spec["trainer"]
     cfg = ModelConfig(
         name="bench-twin",
@@ -173,12 +229,14 @@ def twin_engine_seconds(store: Store, spec: dict[str, Any], subjects: list[str])
     trainer = RayTrainer(store.settings)
     train_model(store, layout, trainer)
     engine = Engine(store, layout, trainer, evaluate=lambda g: ensemble_accuracy(store, g))
-    out = []
+    out, where = [], []
     for s in subjects:
         t0 = time.time()
-        engine.erase([ErasureRequest(request_uid("bench-twin", [s], []), (s,), ())])
-        out.append(time.time() - t0)
-    return out
+        result = engine.erase([ErasureRequest(request_uid("bench-twin", [s], []), (s,), ())])
+        t1 = time.time()
+        out.append(t1 - t0)
+        where.append(engine_timeline(store, layout, result["batch_id"], t0, t1))
+    return out, where
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,14 +313,26 @@ def measure(args: argparse.Namespace, state: Path) -> int:
             print(f"  batching {mode}: {throughput[mode]}", flush=True)
         op_total = [clock.succeeded[n]["at"] - clock.created[n] for n, _ in single]
         runs = [
-            retrain_run_seconds(stack.ray_dashboard, clock.succeeded[n]["status"]["rayJobId"])
+            retrain_run(stack.ray_dashboard, clock.succeeded[n]["status"]["rayJobId"])
             for n, _ in single
         ]
     finally:
         clock.stop()
         op.stop()
+    layout = ModelLayout.of(f"{NS}.{MODEL}", model["spec"]["storage"]["prefix"])
+    op_where = [
+        operator_timeline(
+            store,
+            layout,
+            clock.succeeded[n]["status"],
+            clock.created[n],
+            clock.succeeded[n]["at"],
+            run,
+        )
+        for (n, _), run in zip(single, runs, strict=True)
+    ]
     # 3. the engine alone, after the operator has stopped (nothing else on the CPUs)
-    engine = twin_engine_seconds(store, model["spec"], [s for _, s in single])
+    engine, engine_where = twin_engine_seconds(store, model["spec"], [s for _, s in single])
     quarantine = [clock.quarantined[n] - clock.created[n] for n in clock.created]
     overhead = statistics.median(op_total) - statistics.median(engine)
     result = {
@@ -280,8 +350,13 @@ def measure(args: argparse.Namespace, state: Path) -> int:
             "apply_to_succeeded_median_s": round(statistics.median(op_total), 2),
             "engine_erase_median_s": round(statistics.median(engine), 2),
             "operator_overhead_s": round(overhead, 2),
-            "retrain_run_median_s": round(statistics.median(s for s, _ in runs), 2),
-            "retrain_ran_on": sorted({where for _, where in runs}),
+            "retrain_run_median_s": round(statistics.median(e - s for s, e, _ in runs), 2),
+            "retrain_ran_on": sorted({where for _, _, where in runs}),
+            # medians of each segment, through the operator and in the engine alone
+            "where_the_seconds_go": {
+                "operator": medians(op_where),
+                "engine": medians(engine_where),
+            },
             "apply_to_succeeded_s": [round(x, 2) for x in op_total],
             "engine_erase_s": [round(x, 2) for x in engine],
         },
@@ -323,6 +398,17 @@ def render(r: dict[str, Any]) -> str:
             f"{t['batches']} batch(es), {t['seconds']} s | {t['requests_per_minute']} req/min |"
         )
     lines.append(f"| batching on / off | {r['speedup_batching']}x |")
+    where = one["where_the_seconds_go"]
+    lines += [
+        "",
+        "Where one request's seconds go (medians; the engine has no job to start):",
+        "",
+        "| segment | operator | engine alone | difference |",
+        "|---|---|---|---|",
+    ]
+    for seg, op_s in where["operator"].items():
+        en_s = where["engine"][seg]
+        lines.append(f"| {seg.replace('_', ' ')} | {op_s} s | {en_s} s | {op_s - en_s:+.3f} s |")
     return "\n".join(lines) + "\n"
 
 

@@ -17,6 +17,7 @@ kube-apiserver + etcd, SeaweedFS, a Ray head and the operator as its own process
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 import threading
@@ -24,19 +25,26 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
 
 from lethe.generations import read_live
 from lethe.store import Store
 from lethe.training import RayTrainer
 from lethe_dev import kubestack
-from lethe_dev.localstack import StackState, free_port
+from lethe_dev.localstack import (
+    TENANT_ACCESS_KEY,
+    TENANT_BUCKET,
+    TENANT_SECRET_KEY,
+    StackState,
+    free_port,
+)
 from lethe_operator.context import (
     ModelContext,
 )
 from lethe_operator.raylaunch import RayJobs
 
-from .conftest import ingest_small, trained_small
+from .conftest import ingest_small, small_table, trained_small, unique_model
 from .harness import (
     Operator,
     apply,
@@ -217,6 +225,67 @@ def test_models_that_ask_for_what_they_were_not_granted_are_refused(
             remove_model(kube, name, NS)
         for listener in (*s3.values(), ray_listener):
             listener.close()
+
+
+def test_a_dataset_the_models_keys_cannot_read_is_never_ingested(
+    kube: kubestack.KubeState, operator: Operator, stack: StackState, store: Store
+) -> None:
+    """The ingest job reads with the Ray cluster's keys, which reach every bucket here; a
+    model whose own (granted) keys reach only ``lethe-tenant`` names a dataset in the
+    stack's bucket: refused naming ``dataset.uri``, no job submitted, nothing written
+    for it. The control, the same model with its dataset in its own bucket, is ingested."""
+    own = store.for_bucket(TENANT_BUCKET)
+    own.ensure_bucket(versioning=True)
+    root = unique_model("foreign")
+    buf = io.BytesIO()
+    pq.write_table(small_table(subjects=30, per_subject=4), buf)
+    store.put(f"{root}/data.parquet", buf.getvalue())  # the stack's bucket: not the tenant's
+    own.put(f"{root}/data.parquet", buf.getvalue())
+    secret = s3_secret(stack, "tenant-keys", NS)
+    secret["stringData"] = {
+        "AWS_ACCESS_KEY_ID": TENANT_ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": TENANT_SECRET_KEY,
+    }
+    sources = {
+        "foreign-data": f"s3://{store.bucket}/{root}/data.parquet",
+        "own-data": f"s3://{TENANT_BUCKET}/{root}/data.parquet",
+    }
+    models = []
+    for name, uri in sources.items():
+        model = digits_model(name, stack, store, namespace=NS)
+        model["spec"]["storage"] |= {
+            "bucket": TENANT_BUCKET,
+            "credentialsSecret": {"name": "tenant-keys"},
+        }
+        model["spec"]["dataset"] = {"uri": uri}
+        models.append(model)
+    try:
+        apply(kube, secret, *models)
+        wait_for(
+            "the foreign dataset refused and the own one ingested",
+            lambda: (
+                ready(kube, "foreign-data").get("reason") == "IngestFailed"
+                and (get(kube, "shardedmodel", "own-data", NS).get("status") or {})
+                .get("ingest", {})
+                .get("job")
+            ),
+            timeout=90,
+            state=lambda: {n: ready(kube, n) for n in sources},
+        )
+        message = ready(kube, "foreign-data")["message"]
+        assert message.startswith(
+            "SourceError: dataset.uri: the model's S3 credentials may not read"
+        )
+        uid = get(kube, "shardedmodel", "foreign-data", NS)["metadata"]["uid"]
+        submitted = RayJobs(stack.ray_dashboard, {}).submissions("lethe-ingest-")
+        assert not [s for s in submitted if uid in s]
+        prefix = models[0]["spec"]["storage"]["prefix"]
+        written = [k for k in own.list_keys(f"{prefix}/") if "foreign-data" in k]
+        assert not [k for k in written if "ingest" in k]  # not even a request
+        assert len(store.versions_of(f"{root}/data.parquet")) == 1  # the data untouched
+    finally:
+        for name in sources:
+            remove_model(kube, name, NS)
 
 
 def test_holds_of_requests_that_are_gone_are_released_and_no_others(

@@ -80,3 +80,53 @@ def test_predict_uses_only_live_constituents(store: Store, trainer: RayTrainer, 
     lines = r.stdout.splitlines()
     assert len(lines) == 19 and set(lines[:18]) <= set(ens.generation.config.classes)
     assert json.loads(lines[-1])["constituents"] == [0]
+
+
+def test_a_worker_reads_its_slices_a_row_group_at_a_time(
+    store: Store, tmp_path, monkeypatch
+) -> None:
+    """The worker's spool (``SliceSpool``): slices of several row groups appended one
+    group at a time read back, by index, exactly the rows and values of the files
+    decoded whole (so the checkpoints stay the same bytes), in slice order."""
+    import pyarrow as pa
+
+    from lethe.training import SliceSpool
+
+    layout, _, _ = ingest_small(store, shards=1, slices=2, table=small_table(subjects=90))
+    gen = read_live(store, layout).generation
+    reads = []
+    real = pq.ParquetFile.read_row_group
+
+    def read_row_group(self, i, *args, **kwargs):  # type: ignore[no-untyped-def]
+        reads.append(i)
+        return real(self, i, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", read_row_group)
+    # every slice rewritten with row groups of 50 rows (a real file has 65,536)
+    keys = []
+    for r, sl in enumerate(gen.shards[0].slices):
+        table = dataio.decode(store.get(sl.data.key))
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, row_group_size=50)
+        keys.append(f"{layout.prefix}/spool-test/{r}.parquet")
+        store.put(keys[-1], sink.getvalue().to_pybytes())
+    spool = SliceSpool(str(tmp_path), gen.config.num_features)
+    try:
+        whole_x, whole_y = [], []
+        for key in keys:
+            spool.add(store, key)
+            x, y = dataio.features_and_labels(dataio.decode(store.get(key)))
+            whole_x.append(x)
+            whole_y.append(y)
+            X, Y = spool.arrays()
+            assert np.array_equal(X, np.concatenate(whole_x))
+            assert np.array_equal(Y, np.concatenate(whole_y))
+        assert (
+            len(reads)
+            == sum(pq.ParquetFile(pa.BufferReader(store.get(k))).num_row_groups for k in keys)
+            > 2
+        )
+        idx = np.array([len(Y) - 1, 0, 7, 7])
+        assert np.array_equal(np.asarray(X[idx]), np.concatenate(whole_x)[idx])
+    finally:
+        spool.close()

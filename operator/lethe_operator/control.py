@@ -33,7 +33,7 @@ from lethe.erasure import Engine, batch_id, release_holds
 from lethe.generations import ModelNotFound, read_live
 from lethe.ingest import LayoutOwned, check_owner
 from lethe.jobs import ingest_error, request_ingest
-from lethe.sources import Source, SourceError
+from lethe.sources import Source, SourceError, pin_source
 from lethe.store import PreconditionFailed
 from lethe_operator import metrics, wakeup
 from lethe_operator.batches import (
@@ -220,7 +220,11 @@ def run_ingest(
     job_id = f"lethe-ingest-{ctx.uid}-{attempt}"
     job = launcher.status(job_id)
     if job is None:  # not submitted yet: say what it ingests first
-        request_ingest(ctx.store, ctx.layout, cfg, ctx.uid)
+        try:  # the job reads with the cluster's keys: only what the model's keys reach
+            objects = pin_source(ctx.store, cfg)
+        except SourceError as e:
+            return "IngestFailed", f"{type(e).__name__}: {e}"[:500]
+        request_ingest(ctx.store, ctx.layout, cfg, ctx.uid, objects)
         job = launcher.ensure(job_id, ["ingest", "--model-prefix", ctx.layout.prefix])
     status["ingest"] = _ingest_state(attempt, job_id)
     if job.status == "SUCCEEDED":

@@ -120,12 +120,16 @@ class EraseOrder:
     batch: str
     files: tuple[FileRows, ...]
     storage: dict[str, str | None]  # the model's reclaim backend and admin endpoint
+    # sourcePolicy patch: the source objects the model's own keys may write
+    # ({"keys": [...]}), or why none ({"refused": message}); None: no source to patch
+    source: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "batch": self.batch,
             "files": [f.to_json() for f in self.files],
             "storage": self.storage,
+            "source": self.source,
         }
 
     @classmethod
@@ -134,6 +138,7 @@ class EraseOrder:
             str(d["batch"]),
             tuple(FileRows.from_json(f) for f in d["files"]),
             dict(d.get("storage") or {}),
+            d.get("source"),
         )
 
 
@@ -143,10 +148,11 @@ def locate(
     plan: ErasurePlan,
     id_hash: Callable[[str], str],
     storage: dict[str, str | None],
+    source: dict[str, Any] | None = None,
 ) -> EraseOrder:
     """The order for ``plan``, from the files of ``gen`` (not patched yet): the keyed
     side's work, which reads only the record ids of the affected shards' index files
-    and of the test file."""
+    and of the test file. ``source``: what the job may patch of the model's source."""
     hashes = set(plan.record_hashes)
     refs: list[tuple[FileRef, int | None]] = [
         (gen.shards[k].index, k) for k in plan.affected_shards
@@ -162,7 +168,7 @@ def locate(
             lambda b: dataio.hashed_mask(b.column("record_id"), id_hash, hashes),
         )
         files.append(FileRows(ref, tuple(hits.column("_row").to_pylist()), shard))
-    order = EraseOrder(plan.batch_id, tuple(files), storage)
+    order = EraseOrder(plan.batch_id, tuple(files), storage, source)
     found = sum(len(f.rows) for f in files)
     if found != plan.records_erased:
         raise OrderError(

@@ -210,7 +210,8 @@ class Engine:
         gen = read_live(self.store, self.layout).generation
         backend, admin = self._storage()
         storage: dict[str, str | None] = {"backend": backend, "admin": admin}
-        order = locate(self.store, gen, plan, load_keys(self.keys).id_hash, storage)
+        source = writable_source(self.store, gen.config)
+        order = locate(self.store, gen, plan, load_keys(self.keys).id_hash, storage, source)
         write_order(self.store, self.layout, order)
 
     def run_batch(self, plan: ErasurePlan) -> None:
@@ -546,10 +547,16 @@ class Engine:
         from lethe.sources import object_keys, source_of
 
         source = source_of(cfg)
+        granted = self.order.source if self.order is not None else None
+        if granted is not None and "refused" in granted:
+            return {"policy": policy, "state": f"not erased: {granted['refused']}"}
+        # the batch's job patches what the keyed side found its model's keys may write
+        # (its own keys are the cluster's); in one process, the process's keys decide
+        keys = granted["keys"] if granted is not None else object_keys(self.store, source)
         src = self.store.for_bucket(source.bucket)
         erased = self._erased(plan)
         removed = found = 0
-        for key in object_keys(self.store, source):  # a prefix: each of its files
+        for key in keys:  # a prefix: each of its files
             try:
                 body = src.get(key)
             except NotFound:
@@ -887,6 +894,21 @@ class _Background:
         self.thread.join()
         if self.error is not None:
             raise self.error
+
+
+def writable_source(store: Store, cfg: ModelConfig) -> dict[str, Any] | None:
+    """For an erase order (the keyed side, with the model's own keys): the source
+    objects those keys may write, when ``sourcePolicy: patch`` has the job rewrite them
+    with the cluster's keys; or why it may not (the certificate says the source was
+    not erased, and why). None when there is nothing to patch."""
+    from lethe.sources import SourceError, pin_objects, source_of
+
+    if cfg.source_policy != "patch" or not cfg.source_uri.startswith("s3://"):
+        return None
+    try:
+        return {"keys": [o.key for o in pin_objects(store, source_of(cfg), writable=True)]}
+    except SourceError as e:
+        return {"refused": str(e)}
 
 
 def batch_id(model: str, requests: Iterable[ErasureRequest]) -> str:

@@ -34,6 +34,7 @@ from lethe.layout import ModelLayout
 from lethe.sources import (
     BATCH_ROWS,
     SourceError,
+    SourceObject,
     csv_convert_options,
     object_keys,
     read_batches,
@@ -113,13 +114,16 @@ def check_owner(store: Store, layout: ModelLayout, owner: str | None) -> None:
         )
 
 
-def apply_source_policy_after_ingest(store: Store, cfg: ModelConfig) -> None:
-    """Policy ``delete-after-ingest``: the source object goes, with every version."""
+def apply_source_policy_after_ingest(
+    store: Store, cfg: ModelConfig, keys: list[str] | None = None
+) -> None:
+    """Policy ``delete-after-ingest``: the source's objects (``keys``, else what a
+    listing finds) go, with every version."""
     if cfg.source_policy != "delete-after-ingest" or not cfg.source_uri.startswith("s3://"):
         return
     source = source_of(cfg)
     src = store.for_bucket(source.bucket)
-    for key in object_keys(store, source):  # a prefix: each of its files
+    for key in object_keys(store, source) if keys is None else keys:
         src.purge(key)
 
 
@@ -373,9 +377,13 @@ def ingest_source(
     owner: str | None = None,
     *,
     ray_data: bool = False,
+    pinned: list[SourceObject] | None = None,
 ) -> Generation:
-    """Ingest the model's source (``cfg.source_uri``), streamed: see ``ingest``."""
-    return ingest(store, layout, cfg, read_batches(store, cfg, ray_data=ray_data), owner)
+    """Ingest the model's source (``cfg.source_uri``), streamed: see ``ingest``.
+    ``pinned``: read (and for ``delete-after-ingest``, delete) only those objects."""
+    batches = read_batches(store, cfg, ray_data=ray_data, pinned=pinned)
+    source_keys = None if pinned is None else [o.key for o in pinned]
+    return ingest(store, layout, cfg, batches, owner, source_keys=source_keys)
 
 
 def ingest(
@@ -384,8 +392,11 @@ def ingest(
     cfg: ModelConfig,
     batches: Iterable[pa.RecordBatch],
     owner: str | None = None,
+    source_keys: list[str] | None = None,
 ) -> Generation:
     """Shard, slice and write the records of ``batches`` as generation 1.
+    ``source_keys``: the source's objects that ``delete-after-ingest`` deletes (default:
+    what a listing finds).
 
     Two passes, so memory is bounded by one batch plus the largest slice file (and
     the test set, which evaluation reads whole), never by the dataset: the first
@@ -433,9 +444,11 @@ def ingest(
         if owner is not None and not store.put_json_if_absent(layout.owner, {"uid": owner}):
             check_owner(store, layout, owner)
         try:
-            return _write_generation_1(store, layout, cfg, spill)
+            gen = _write_generation_1(store, layout, cfg, spill)
         except dataio.Tombstoned as e:
             raise IngestError(f"{e} (the dataset still holds erased people)") from None
+    apply_source_policy_after_ingest(store, cfg, source_keys)
+    return gen
 
 
 def _data_rows(spilled: pa.Table, class_of: dict[str, int]) -> pa.Table:
@@ -517,9 +530,7 @@ def _write_generation_1(
         store, spill, TEST, class_of, layout.test, layout.tombstone, ["record_id"]
     )
     gen = Generation(number=1, parent=None, config=cfg, shards=shards, test=test, reason="ingest")
-    gen = create_first(store, layout, gen)
-    apply_source_policy_after_ingest(store, cfg)
-    return gen
+    return create_first(store, layout, gen)
 
 
 __all__ = [

@@ -22,13 +22,25 @@ from typing import Any
 
 from lethe.core.config import ModelConfig
 from lethe.layout import ModelLayout
+from lethe.sources import SourceObject
 from lethe.store import NotFound, S3Settings, Store
 
 
-def request_ingest(store: Store, layout: ModelLayout, cfg: ModelConfig, owner: str) -> None:
+def request_ingest(
+    store: Store,
+    layout: ModelLayout,
+    cfg: ModelConfig,
+    owner: str,
+    objects: list[SourceObject] | None = None,
+) -> None:
     """Say what an ingest job of ``layout`` ingests (before submitting it): a new
-    request replaces the last one and its error."""
-    store.put_json(layout.ingest_request, {"config": cfg.to_json(), "owner": owner})
+    request replaces the last one and its error. ``objects``: an S3 source's objects as
+    the model's own keys saw them (``sources.pin_objects``): the job, which reads with
+    the cluster's keys, reads (and deletes, for ``delete-after-ingest``) those only."""
+    body: dict[str, Any] = {"config": cfg.to_json(), "owner": owner}
+    if objects is not None:
+        body["objects"] = [o.to_json() for o in objects]
+    store.put_json(layout.ingest_request, body)
     store.purge(layout.ingest_error)
 
 
@@ -52,9 +64,17 @@ def ingest(store: Store, model_prefix: str) -> dict[str, Any]:
     layout = ModelLayout(model_prefix)
     request = store.get_json(layout.ingest_request)
     cfg = ModelConfig.from_json(request["config"])
+    pinned = request.get("objects")
     ray_data = _ray_ready()
     try:
-        gen = ingest_source(store, layout, cfg, request.get("owner"), ray_data=ray_data)
+        gen = ingest_source(
+            store,
+            layout,
+            cfg,
+            request.get("owner"),
+            ray_data=ray_data,
+            pinned=None if pinned is None else [SourceObject.from_json(o) for o in pinned],
+        )
     except FileExistsError:  # ingested by an earlier run of this job: done
         gen = read_live(store, layout).generation
     except (IngestError, ConfigError) as e:

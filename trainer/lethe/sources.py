@@ -14,9 +14,12 @@ streamed to the job with Ray Data's back-pressure). Neither ever holds the datas
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import botocore.exceptions
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
@@ -25,7 +28,7 @@ import pyarrow.parquet as pq
 
 from lethe.core.config import ModelConfig
 from lethe.errors import UserError
-from lethe.store import S3Settings, Store
+from lethe.store import DENIED, NotFound, S3Settings, Store, error_code
 
 FORMATS = ("parquet", "csv", "jsonl")
 SUFFIXES = {"parquet": (".parquet", ".parq"), "csv": (".csv", ".txt"), "jsonl": (".jsonl", ".json")}
@@ -34,6 +37,7 @@ BATCH_ROWS = 16_384  # rows per batch read: what ingestion holds at once (pass o
 # JSON lines go through Arrow's dataset scanner, which reads ahead 4 files and 16
 # batches by default: one of each
 READAHEAD = {"fragment_readahead": 1, "batch_readahead": 1}
+HEADS_AT_ONCE = 8  # concurrent HEADs when pinning or checking a source's objects
 
 
 class SourceError(UserError, ValueError):
@@ -96,6 +100,91 @@ def object_keys(store: Store, src: Source) -> list[str]:
         for k in store.for_bucket(src.bucket).list_keys(src.key)
         if k.endswith(SUFFIXES[src.fmt]) and not k.rsplit("/", 1)[-1].startswith(("_", "."))
     )
+
+
+@dataclass(frozen=True)
+class SourceObject:
+    """One object of an S3 source, as the credentials that pinned it saw it."""
+
+    key: str
+    etag: str
+    size: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key, "etag": self.etag, "size": self.size}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> SourceObject:
+        return cls(str(d["key"]), str(d["etag"]), int(d["size"]))
+
+
+def pin_objects(store: Store, src: Source, *, writable: bool = False) -> list[SourceObject]:
+    """The objects of the S3 source ``src`` as ``store``'s credentials see them: listed
+    and each one read-checked (a HEAD needs the right to read it) with those
+    credentials; ``writable``: write-checked too (``Store.may_write``, which writes
+    nothing). A control plane pins a model's source with the model's own keys, so that
+    the jobs which then read it, and patch or delete it as ``dataset.sourcePolicy``
+    says, with the cluster's keys touch only what the model's keys reach. Raises
+    SourceError naming the field."""
+    bucket = store.for_bucket(src.bucket)
+
+    def pinned(key: str) -> SourceObject:
+        obj = SourceObject(key, *bucket.head(key))
+        if writable and not bucket.may_write(key):
+            raise SourceError(
+                f"dataset.sourcePolicy: erasing from the source writes it, and the model's "
+                f"S3 credentials may not write s3://{src.bucket}/ objects under {src.uri}"
+            )
+        return obj
+
+    try:
+        keys = object_keys(store, src)
+        with ThreadPoolExecutor(HEADS_AT_ONCE) as pool:
+            objects = list(pool.map(pinned, keys))
+    except NotFound:
+        raise SourceError(f"dataset.uri: no object at {src.uri}") from None
+    except botocore.exceptions.ClientError as e:
+        code = error_code(e)
+        if code in DENIED:
+            raise SourceError(
+                f"dataset.uri: the model's S3 credentials may not read {src.uri} ({code})"
+            ) from None
+        if code == "NoSuchBucket":
+            raise SourceError(f"dataset.uri: no bucket {src.bucket!r}") from None
+        raise
+    if not objects:
+        raise SourceError(f"dataset.uri: no {src.fmt} files at {src.uri}")
+    return objects
+
+
+def pin_source(store: Store, cfg: ModelConfig) -> list[SourceObject] | None:
+    """``pin_objects`` for a model's source, write-checked when its ``sourcePolicy``
+    changes the source; None for a source that is not in S3 (``builtin:``)."""
+    src = source_of(cfg)
+    if src.kind != "s3":
+        return None
+    return pin_objects(store, src, writable=cfg.source_policy != "external")
+
+
+def check_pinned(store: Store, src: Source, objects: list[SourceObject]) -> None:
+    """Refuse to read a pinned object that changed (or went) since it was pinned: the
+    job reads what the model's credentials were shown to read, as it was then."""
+    bucket = store.for_bucket(src.bucket)
+
+    def changed(o: SourceObject) -> bool:
+        try:
+            return bucket.head(o.key) != (o.etag, o.size)
+        except NotFound:
+            return True
+
+    with ThreadPoolExecutor(HEADS_AT_ONCE) as pool:
+        stale = sum(pool.map(changed, objects))
+    if stale:
+        raise SourceError(
+            f"dataset.uri: {stale} of the {len(objects)} objects of {src.uri} changed or "
+            "went after the model's credentials were checked; ingested again when the "
+            "spec changes or after erasurePolicy.retryFailedAfterSeconds"
+        )
 
 
 def arrow_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
@@ -178,14 +267,22 @@ def _with_columns(
         yield b
 
 
-def _files(store: Store | None, src: Source) -> tuple[pafs.FileSystem, list[str], str]:
-    """The filesystem, the files and the partitions' base of a local or s3 source."""
+def _files(
+    store: Store | None, src: Source, pinned: list[SourceObject] | None = None
+) -> tuple[pafs.FileSystem, list[str], str]:
+    """The filesystem, the files and the partitions' base of a local or s3 source;
+    ``pinned``: read those objects only (checked unchanged), not what a listing finds."""
     if src.kind == "local":
         files, base = _local_files(src)
         filesystem: pafs.FileSystem = pafs.LocalFileSystem()
     else:
         assert store is not None
-        files = [f"{src.bucket}/{k}" for k in object_keys(store, src)]
+        if pinned is None:
+            keys = object_keys(store, src)
+        else:
+            check_pinned(store, src, pinned)
+            keys = [o.key for o in pinned]
+        files = [f"{src.bucket}/{k}" for k in keys]
         base = f"{src.bucket}/{src.key}" if src.is_prefix else ""
         filesystem = arrow_filesystem(store.settings)
     if not files:
@@ -205,9 +302,15 @@ def _with_string_ids(batch: pa.RecordBatch, cfg: ModelConfig) -> pa.RecordBatch:
 
 
 def read_batches(
-    store: Store | None, cfg: ModelConfig, *, ray_data: bool = False, rows: int = BATCH_ROWS
+    store: Store | None,
+    cfg: ModelConfig,
+    *,
+    ray_data: bool = False,
+    rows: int = BATCH_ROWS,
+    pinned: list[SourceObject] | None = None,
 ) -> Iterator[pa.RecordBatch]:
-    """The source's records, ``rows`` at a time; ``ray_data``: read on the Ray cluster."""
+    """The source's records, ``rows`` at a time; ``ray_data``: read on the Ray cluster;
+    ``pinned``: an S3 source's objects as ``pin_objects`` gave them (read only those)."""
     src = source_of(cfg)
     if src.kind == "builtin":
         from lethe.datasets import builtin
@@ -222,9 +325,9 @@ def read_batches(
         raise SourceError("dataset.uri: an s3:// source needs S3 settings")
     if ray_data and src.kind == "s3":
         assert store is not None
-        batches: Iterable[pa.RecordBatch] = _ray_data_batches(store, src, cfg, rows)
+        batches: Iterable[pa.RecordBatch] = _ray_data_batches(store, src, cfg, rows, pinned)
     else:
-        filesystem, files, base = _files(store, src)
+        filesystem, files, base = _files(store, src, pinned)
         batches = (
             b for path in files for b in _file_batches(filesystem, path, cfg, src.fmt, base, rows)
         )
@@ -245,7 +348,7 @@ def _reason(e: Exception) -> str:
 
 
 def _ray_data_batches(
-    store: Store, src: Source, cfg: ModelConfig, rows: int
+    store: Store, src: Source, cfg: ModelConfig, rows: int, pinned: list[SourceObject] | None
 ) -> Iterator[pa.RecordBatch]:
     """Ray Data, one read task per file, two at a time, streamed to this process.
 
@@ -254,7 +357,7 @@ def _ray_data_batches(
     then waits for a lane's TTL)."""
     import ray.data
 
-    _, paths, base = _files(store, src)
+    _, paths, base = _files(store, src, pinned)
     ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
     ds = ds.map_batches(
         _read_files,

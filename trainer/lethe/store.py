@@ -18,7 +18,7 @@ import boto3
 import botocore.exceptions
 from botocore.config import Config
 
-from lethe.errors import LetheError, TransientError
+from lethe.errors import IntegrityFailure, LetheError, TransientError
 
 
 class PreconditionFailed(TransientError):
@@ -70,9 +70,12 @@ CONNECT_TIMEOUT_SECONDS = 10
 
 # What S3 answers for an object, or a version of one, that is not there (any more).
 MISSING = ("NoSuchKey", "NoSuchVersion", "404", "NotFound")
+# What S3 answers to credentials that may not do what was asked (HEAD has no body: "403").
+DENIED = ("AccessDenied", "403", "Forbidden", "AllAccessDisabled")
+WRITE_PROBE = '"lethe-write-probe"'  # an ETag no object has (not hex)
 
 
-def _code(e: botocore.exceptions.ClientError) -> str:
+def error_code(e: botocore.exceptions.ClientError) -> str:
     return str(e.response.get("Error", {}).get("Code", ""))
 
 
@@ -114,21 +117,35 @@ class Store:
         try:
             r = self.client.get_object(Bucket=self.bucket, Key=key)
         except botocore.exceptions.ClientError as e:
-            if _code(e) in MISSING:
+            if error_code(e) in MISSING:
                 raise NotFound(key) from None
             raise
         return r["Body"].read(), r["ETag"]
+
+    def download(self, key: str, sink: Any) -> None:
+        """The object's bytes written to the binary file ``sink``, streamed."""
+        try:
+            self.client.download_fileobj(self.bucket, key, sink)
+        except botocore.exceptions.ClientError as e:
+            if error_code(e) in MISSING:
+                raise NotFound(key) from None
+            raise
 
     def get_json(self, key: str) -> Any:
         return json.loads(self.get(key))
 
     def size(self, key: str) -> int:
+        return self.head(key)[1]
+
+    def head(self, key: str) -> tuple[str, int]:
+        """(ETag, size) of the current version."""
         try:
-            return int(self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
+            r = self.client.head_object(Bucket=self.bucket, Key=key)
         except botocore.exceptions.ClientError as e:
-            if _code(e) in MISSING:
+            if error_code(e) in MISSING:
                 raise NotFound(key) from None
             raise
+        return str(r["ETag"]), int(r["ContentLength"])
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
         """``length`` bytes of an object from ``start`` (fewer at its end)."""
@@ -139,7 +156,7 @@ class Store:
                 Bucket=self.bucket, Key=key, Range=f"bytes={start}-{start + length - 1}"
             )
         except botocore.exceptions.ClientError as e:
-            if _code(e) in MISSING:
+            if error_code(e) in MISSING:
                 raise NotFound(key) from None
             raise
         return r["Body"].read()
@@ -150,7 +167,7 @@ class Store:
         try:
             r = self.client.get_object(Bucket=self.bucket, Key=key, VersionId=version_id)
         except botocore.exceptions.ClientError as e:
-            if _code(e) in MISSING:
+            if error_code(e) in MISSING:
                 raise NotFound(f"{key} (version {version_id})") from None
             raise
         return r["Body"].read()
@@ -160,7 +177,7 @@ class Store:
             self.client.head_object(Bucket=self.bucket, Key=key)
             return True
         except botocore.exceptions.ClientError as e:
-            if _code(e) in MISSING:
+            if error_code(e) in MISSING:
                 return False
             raise
 
@@ -215,7 +232,7 @@ class Store:
             self.client.put_object(Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*", **lock)
             return True
         except botocore.exceptions.ClientError as e:
-            if _code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+            if error_code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
                 return False
             raise
 
@@ -235,10 +252,26 @@ class Store:
         try:
             r = self.client.put_object(Bucket=self.bucket, Key=key, Body=body, IfMatch=etag)
         except botocore.exceptions.ClientError as e:
-            if _code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+            if error_code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
                 raise PreconditionFailed(key) from None
             raise
         return str(r["ETag"])
+
+    def may_write(self, key: str) -> bool:
+        """Whether these credentials may overwrite ``key``, found without writing: a PUT
+        whose If-Match no object can have (S3 answers 403 to a caller without the right
+        and 412, or 404 for a missing object, to one with it: the right is checked
+        first)."""
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=b"", IfMatch=WRITE_PROBE)
+        except botocore.exceptions.ClientError as e:
+            code = error_code(e)
+            if code in DENIED:
+                return False
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", *MISSING):
+                return True
+            raise
+        raise IntegrityFailure(f"s3://{self.bucket}/{key}: the store ignored If-Match on a PUT")
 
     def purge(self, key: str) -> int:
         """Delete every version and delete marker of exactly ``key``; returns how many."""

@@ -32,9 +32,6 @@ from lethe.faults import FAULTS
 from lethe.layout import ModelLayout
 from lethe.store import NotFound, S3Settings, Store
 
-# Fault injection for the failure-path tests: workers of a driver started with this set
-# to "1" fail at once, as a real Ray Train run does when its worker raises.
-
 
 class RetrainFailed(LetheError, RuntimeError):
     """A Ray Train run failed; the message carries Ray's."""
@@ -61,6 +58,50 @@ class ShardTask:
     attempt: str = ""  # set per Ray Train run by the trainer
     submitted_at: float = 0.0  # when that run was submitted (its start-up counts as cost)
     inject_failure: bool = False  # fault injection (``lethe.faults`` of the submitting driver)
+
+
+class SliceSpool:
+    """A shard's training rows on the worker's local disk, slice after slice: each slice
+    file is downloaded streamed and appended a row group at a time (features as float32,
+    labels as int64), and the rows are read back by index through ``np.memmap``. A
+    worker holds a batch and a row group, never its shard (the page cache holds what it
+    can). Indexing gives the values the in-memory arrays gave, so checkpoints are the
+    same bytes."""
+
+    def __init__(self, directory: str, features: int) -> None:
+        self.directory = directory
+        self.features = features
+        self.rows = 0
+        self._x = open(os.path.join(directory, "x.f32"), "wb")  # closed by close()
+        self._y = open(os.path.join(directory, "y.i64"), "wb")
+
+    def add(self, store: Store, key: str) -> None:
+        import pyarrow.parquet as pq
+
+        with tempfile.TemporaryFile(dir=self.directory) as f:
+            store.download(key, f)
+            f.seek(0)
+            pf = pq.ParquetFile(f)
+            for group in range(pf.num_row_groups):
+                x, y = dataio.features_and_labels(pf.read_row_group(group, ["label", "features"]))
+                if len(y):
+                    self._x.write(np.ascontiguousarray(x.reshape(-1, self.features)).tobytes())
+                    self._y.write(y.tobytes())
+                    self.rows += len(y)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every row added so far: (features (rows, features), labels (rows,))."""
+        self._x.flush()
+        self._y.flush()
+        if not self.rows:
+            return np.zeros((0, self.features), np.float32), np.zeros(0, np.int64)
+        x = np.memmap(self._x.name, np.float32, "r", shape=(self.rows, self.features))
+        y = np.memmap(self._y.name, np.int64, "r", shape=(self.rows,))
+        return x, y
+
+    def close(self) -> None:
+        self._x.close()
+        self._y.close()
 
 
 def _write_report(store: Store, task: ShardTask, cfg: ModelConfig, **fields: Any) -> None:
@@ -131,9 +172,8 @@ def train_shard(
     import ray.train
     import ray.train.torch
     import torch
-    from torch import nn
 
-    from lethe.models import build_model, load_checkpoint, save_checkpoint
+    from lethe.models import build_model, load_checkpoint
 
     tc = cfg.trainer
     torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
@@ -150,25 +190,49 @@ def train_shard(
     model.to(device)
     if world > 1:
         model = ray.train.torch.prepare_model(model, move_to_device=False)
+
+    with tempfile.TemporaryDirectory(prefix="lethe-shard-") as tmp:
+        spool = SliceSpool(tmp, cfg.num_features)
+        try:
+            return _train_slices(
+                cfg, task, store, rank, world, report, model, optimizer, spool, device
+            )
+        finally:
+            spool.close()
+
+
+def _train_slices(
+    cfg: ModelConfig,
+    task: ShardTask,
+    store: Store,
+    rank: int,
+    world: int,
+    report: Callable[[dict[str, Any], bool], None],
+    model: Any,
+    optimizer: Any,
+    spool: SliceSpool,
+    device: Any,
+) -> dict[str, Any]:
+    """``train_shard``'s loop over the slices, reading them through ``spool``."""
+    import torch
+    from torch import nn
+
+    from lethe.models import load_checkpoint, save_checkpoint
+
+    tc = cfg.trainer
     loss_fn = nn.CrossEntropyLoss()
     eps = tc.epochs_per_slice(cfg.slices)
-
-    xs: list[np.ndarray] = []
-    ys: list[np.ndarray] = []
     train_seconds = 0.0
     train_cpu = 0.0  # CPU seconds of this thread in those loops (below wall: starved)
     trained = 0  # slices trained by this run (not loaded from another writer's checkpoint)
     metrics: dict[str, Any] = {"train_seconds": 0.0, "slices_trained": 0, "peak_rss": 0}
     for r in range(cfg.slices):
         try:
-            body = store.get(task.data[r]["key"])
+            spool.add(store, task.data[r]["key"])
         except NotFound:
             if _purged_meanwhile(store, task, r):  # an erasure purged it under us
                 raise StaleLineage(f"{STALE_MARK} shard {task.shard} slice {r}") from None
             raise
-        x, y = dataio.features_and_labels(dataio.decode(body, ["label", "features"]))
-        xs.append(x.reshape(-1, cfg.num_features))
-        ys.append(y)
         if r < task.first_slice:
             continue
         if _already_trained(store, task, cfg, r):
@@ -184,8 +248,7 @@ def train_shard(
             continue
         trained += 1
         t0, c0 = time.perf_counter(), time.thread_time()
-        X = torch.from_numpy(np.concatenate(xs)).to(device)
-        Y = torch.from_numpy(np.concatenate(ys)).to(device)
+        X, Y = spool.arrays()
         n = len(Y)
         # Seeds depend on (seed, shard, slice) only: retraining a slice on the same data
         # from the same checkpoint gives the same model.
@@ -203,8 +266,10 @@ def train_shard(
                 idx = idx[rank::world]
                 if len(idx) == 0:
                     continue
+                xb = torch.from_numpy(np.asarray(X[idx])).to(device)
+                yb = torch.from_numpy(np.asarray(Y[idx])).to(device)
                 optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model(X[idx]), Y[idx])
+                loss = loss_fn(model(xb), yb)
                 loss.backward()
                 optimizer.step()
         train_seconds += time.perf_counter() - t0

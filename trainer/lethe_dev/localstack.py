@@ -32,6 +32,14 @@ from lethe.training import disconnect_ray
 HOST = "127.0.0.1"
 ACCESS_KEY = "lethe-local-access"  # distinct enough to search for in Ray's metadata
 SECRET_KEY = "lethe-local-secret"
+# A second identity, scoped as a tenant's keys would be: read and write in TENANT_BUCKET,
+# read only in SHARED_BUCKET, nothing elsewhere (the stack's own bucket included). For
+# trying the security model: a model given these keys cannot make the cluster read or
+# change what they do not reach.
+TENANT_ACCESS_KEY = "lethe-tenant-access"
+TENANT_SECRET_KEY = "lethe-tenant-secret"
+TENANT_BUCKET = "lethe-tenant"
+SHARED_BUCKET = "lethe-shared"
 DEFAULT_STATE = Path(".lethe/dev")
 
 
@@ -164,7 +172,17 @@ def launch_seaweedfs(state: Path) -> SeaweedFS:
                         "name": "lethe",
                         "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
                         "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                    }
+                    },
+                    {
+                        "name": "tenant",
+                        "credentials": [
+                            {"accessKey": TENANT_ACCESS_KEY, "secretKey": TENANT_SECRET_KEY}
+                        ],
+                        "actions": [
+                            *(f"{a}:{TENANT_BUCKET}" for a in ("Read", "Write", "List", "Tagging")),
+                            *(f"{a}:{SHARED_BUCKET}" for a in ("Read", "List")),
+                        ],
+                    },
                 ]
             }
         )
