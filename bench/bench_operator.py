@@ -244,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=5, help="one-at-a-time requests (batching off)")
     p.add_argument("--burst", type=int, default=8, help="requests applied at once")
     p.add_argument("--shards", type=int, default=4)
+    p.add_argument("--verbose", action="store_true", help="the operator's debug log (kept)")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", message="Unverified HTTPS request")
 
@@ -253,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:  # whatever failed, nothing it started is left running
         kubestack.stop(state / "kube")
         localstack.down(state / "stack")
+        if args.verbose:
+            print(f"the operator's log: {state / 'operator.log'}")
 
 
 def measure(args: argparse.Namespace, state: Path) -> int:
@@ -274,7 +277,10 @@ def measure(args: argparse.Namespace, state: Path) -> int:
     )
     model["spec"]["shards"] = args.shards
     api.create_namespaced_custom_object(GROUP, VERSION, NS, MODELS, model)
-    op = Operator(kube.kubeconfig, localstack.free_port(), state / "operator.log")
+    log = state / "operator.log"
+    op = Operator(
+        kube.kubeconfig, localstack.free_port(), log, args=("--verbose",) if args.verbose else ()
+    )
     op.start()
     clock = Clock(api)
     try:

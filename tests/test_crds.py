@@ -681,3 +681,26 @@ def test_old_limits_did_not_fit(kube: kubestack.KubeState) -> None:
     r = apply(kube, obj)
     assert r.returncode != 0
     assert "spec.subjects" in r.stderr  # refused by the schema now, naming the list
+
+
+def test_the_api_server_fills_in_the_defaults_the_operator_relies_on(
+    kube: kubestack.KubeState,
+) -> None:
+    """The operator restates no default (``lethe_operator.spec``): a minimal ShardedModel
+    read back from the API server carries every default the unit tier applies from the
+    CRD (``tests/unit/test_spec.with_defaults``), and parses."""
+    from lethe_operator.spec import ModelSpec
+
+    from .unit.test_spec import MINIMAL, spec_schema, with_defaults
+
+    model = {
+        "apiVersion": "lethe.dev/v1alpha1",
+        "kind": "ShardedModel",
+        "metadata": {"name": "minimal-defaults"},
+        "spec": MINIMAL,
+    }
+    r = apply(kube, model)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(kubectl(kube, "get", "shardedmodel", "minimal-defaults", "-o", "json").stdout)
+    assert got["spec"] == with_defaults(MINIMAL, spec_schema())
+    assert ModelSpec.parse(got["spec"]).policy.max_batch_size == 100

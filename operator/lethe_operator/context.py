@@ -27,17 +27,18 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
 from lethe.certs import Keys, KeysError
-from lethe.core.config import Columns, ModelConfig, Prices, TrainerConfig
+from lethe.core.config import ModelConfig
 from lethe.erasure import Engine
 from lethe.errors import UserError
 from lethe.faults import FAULTS
 from lethe.layout import ModelLayout
 from lethe.store import S3Settings, Store
+from lethe_operator.kubeapi import core_v1, custom_objects
 from lethe_operator.raylaunch import SECRET_ENV, Launcher, RayJobs
+from lethe_operator.spec import ModelSpec, StorageSpec
 
 GROUP, VERSION = "lethe.dev", "v1alpha1"
 MODELS, REQUESTS = "shardedmodels", "erasurerequests"
@@ -114,7 +115,7 @@ def read_secret(namespace: str, name: str, field: str) -> Any:
     """The Secret ``name`` that the spec's ``field`` names (the operator may only ``get``
     Secrets); raises SecretUnreadable. Any other API error (5xx) is raised as it is."""
     try:
-        return k8s.CoreV1Api().read_namespaced_secret(name, namespace)
+        return core_v1().read_namespaced_secret(name, namespace)
     except ApiException as e:
         if e.status == 404:
             raise SecretUnreadable(
@@ -135,7 +136,7 @@ def secret_entries(secret: Any) -> dict[str, bytes]:
 def get_model(namespace: str, name: str) -> dict[str, Any] | None:
     """The ShardedModel, or None if there is none of that name."""
     try:
-        return k8s.CustomObjectsApi().get_namespaced_custom_object(
+        return custom_objects().get_namespaced_custom_object(
             GROUP, VERSION, namespace, MODELS, name
         )
     except ApiException as e:
@@ -146,7 +147,7 @@ def get_model(namespace: str, name: str) -> dict[str, Any] | None:
 
 def patch_model_status(namespace: str, name: str, status: dict[str, Any]) -> None:
     """Merge ``status`` into the ShardedModel's status (None removes a field)."""
-    k8s.CustomObjectsApi().patch_namespaced_custom_object_status(
+    custom_objects().patch_namespaced_custom_object_status(
         GROUP, VERSION, namespace, MODELS, name, {"status": status}
     )
 
@@ -215,10 +216,10 @@ def check_ray_address(address: str) -> str:
     return allowed[key]
 
 
-def model_credentials(namespace: str, model: str, storage: dict[str, Any]) -> tuple[str, str]:
+def model_credentials(namespace: str, model: str, storage: StorageSpec) -> tuple[str, str]:
     """(access key, secret key) from the model's ``credentialsSecret``, if the namespace
     grants it to this model (see the module docstring); raises ModelRefused."""
-    ref = (storage.get("credentialsSecret") or {}).get("name")
+    ref = storage.credentials_secret
     if not ref:
         raise ModelRefused(
             "NoCredentials",
@@ -262,11 +263,10 @@ class KeysUnavailable(UserError):
         self.reason = reason
 
 
-def load_keys(namespace: str, spec: dict[str, Any]) -> Keys:
+def load_keys(namespace: str, ref: str | None) -> Keys:
     """The keys that sign a model's certificates and key its id hashes: from the Secret
-    ``spec.certificates.keysSecret`` or, without one, from the operator's
+    ``ref`` (``spec.certificates.keysSecret``) or, without one, from the operator's
     ``$LETHE_KEYS_DIR``. Raises KeysUnavailable (never with key material)."""
-    ref = ((spec.get("certificates") or {}).get("keysSecret") or {}).get("name")
     if ref:
         try:
             data = secret_entries(read_secret(namespace, ref, "spec.certificates.keysSecret"))
@@ -304,7 +304,7 @@ class ModelContext:
     namespace: str
     name: str
     uid: str
-    spec: dict[str, Any]
+    spec: ModelSpec
     store: Store
     layout: ModelLayout
     _keys: Keys | None = field(default=None, repr=False)
@@ -314,45 +314,7 @@ class ModelContext:
         return f"{self.namespace}.{self.name}"
 
     def config(self) -> ModelConfig:
-        s, t = self.spec, self.spec.get("trainer", {})
-        ds = s["dataset"]
-        cols = ds.get("columns", {})
-        uri = ds["uri"]
-        return ModelConfig(
-            name=self.model_id,
-            shards=int(s["shards"]),
-            slices=int(s["slices"]),
-            trainer=TrainerConfig(
-                model=t.get("model", "mlp"),
-                epochs=float(t.get("epochs", 10)),
-                batch_size=int(t.get("batchSize", 128)),
-                learning_rate=float(t.get("learningRate", 1e-3)),
-                hidden=int(t.get("hidden", 256)),
-                seed=int(t.get("seed", 0)),
-                workers_per_shard=int(t.get("workersPerShard", 1)),
-                cpus_per_worker=float(t.get("cpusPerWorker", 1)),
-                gpus_per_worker=float(t.get("gpusPerWorker", 0)),
-                input_shape=tuple(t.get("inputShape", ())),
-            ),
-            prices=Prices(
-                float(s.get("prices", {}).get("cpuHourUSD", 0.048)),
-                float(s.get("prices", {}).get("gpuHourUSD", 2.5)),
-            ),
-            columns=Columns(
-                cols.get("recordId", "record_id"),
-                cols.get("subjectId", "subject_id"),
-                cols.get("label", "label"),
-                tuple(cols.get("features", ())),
-                cols.get("file", ""),
-            ),
-            test_fraction=float(ds.get("testFraction", 0.2)),
-            source_uri=uri,
-            source_format=ds.get("format", "parquet"),
-            # a builtin: dataset has no object to patch or delete (the CRD says so too)
-            source_policy="external"
-            if uri.startswith("builtin:")
-            else ds.get("sourcePolicy", "external"),
-        )
+        return self.spec.config(self.model_id)
 
     def ray(self, owners: list[dict[str, Any]] | None = None) -> Launcher:
         """Where this model's Ray jobs run: an existing cluster's Jobs API, or KubeRay
@@ -361,28 +323,29 @@ class ModelContext:
         # who can reach the cluster reads. The keys come from the cluster itself (Jobs
         # API: its own environment, trusted-cluster only) or a secretKeyRef (KubeRay).
         # The model's extra variables first: they must not override the S3 settings.
-        extra = {k: v for k, v in self.spec["ray"].get("env", {}).items() if k not in SECRET_ENV}
+        ray = self.spec.ray
+        extra = {k: v for k, v in ray.env.items() if k not in SECRET_ENV}
         env = {**extra, **self.store.settings.public_env()}
         python = os.environ.get("LETHE_RAY_PYTHON", "python")
-        ray = self.spec["ray"]
-        if ray.get("address"):
-            return RayJobs(check_ray_address(ray["address"]), env, python=python)
+        if ray.address:
+            return RayJobs(check_ray_address(ray.address), env, python=python)
         from lethe_operator.kuberay import KubeRayJobs
 
+        assert ray.ray_job is not None  # the CRD: exactly one of address and rayJob
         return KubeRayJobs(
             self.namespace,
-            ray["rayJob"],
+            ray.ray_job,
             env,
             python=python,
             owners=owners or [],
             model=self.name,
-            credentials_secret=(self.spec["storage"].get("credentialsSecret") or {}).get("name"),
+            credentials_secret=self.spec.storage.credentials_secret,
         )
 
     def keys(self) -> Keys:
         """The model's signing keys (read once per context); raises KeysUnavailable."""
         if self._keys is None:
-            self._keys = load_keys(self.namespace, self.spec)
+            self._keys = load_keys(self.namespace, self.spec.keys_secret)
         return self._keys
 
     def plan_exists(self, batch: str) -> bool:
@@ -392,14 +355,13 @@ class ModelContext:
     def engine(self) -> Engine:
         """The engine for this model's erasures, with the model's own keys (its id
         hashes and certificates are made with them, never with another key)."""
-        storage = self.spec["storage"]
         return Engine(
             self.store,
             self.layout,
             trainer=None,
             keys=self.keys(),
-            storage_backend=storage.get("backend") or None,
-            storage_admin=storage.get("adminEndpoint") or None,
+            storage_backend=self.spec.storage.backend,
+            storage_admin=self.spec.storage.admin_endpoint,
         )
 
 
@@ -407,17 +369,15 @@ def model_context(body: dict[str, Any]) -> ModelContext:
     """The model's S3 side, with the credentials its namespace grants it; raises
     ModelRefused (before anything reaches its S3 endpoint or Ray) when the model asks
     for a Ray address or credentials it may not use."""
-    meta, spec = body["metadata"], body["spec"]
+    meta, spec = body["metadata"], ModelSpec.parse(body["spec"])
     ns, name = meta["namespace"], meta["name"]
-    storage = spec["storage"]
-    address = (spec.get("ray") or {}).get("address")
-    if address:
-        check_ray_address(address)
-    access, secret = model_credentials(ns, name, storage)
+    if spec.ray.address:
+        check_ray_address(spec.ray.address)
+    access, secret = model_credentials(ns, name, spec.storage)
     env = S3Settings.from_env()  # the default endpoint and the region; never its keys
     settings = S3Settings(
-        endpoint=storage.get("endpoint") or env.endpoint,
-        bucket=storage["bucket"],
+        endpoint=spec.storage.endpoint or env.endpoint,
+        bucket=spec.storage.bucket,
         access_key=access,
         secret_key=secret,
         region=env.region,
@@ -428,5 +388,5 @@ def model_context(body: dict[str, Any]) -> ModelContext:
         meta.get("uid", ""),
         spec,
         Store(settings),
-        ModelLayout.of(f"{ns}.{name}", storage.get("prefix", "")),
+        ModelLayout.of(f"{ns}.{name}", spec.storage.prefix),
     )

@@ -36,7 +36,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
 from lethe.core.plan import ErasureRequest, parse_id_lines
@@ -62,6 +61,8 @@ from lethe_operator.context import (
     secret_entries,
     set_condition,
 )
+from lethe_operator.kubeapi import custom_objects
+from lethe_operator.spec import ErasurePolicy
 
 PHASES = RequestPhase.progress()  # in order
 FINISHED = RequestPhase.finished()
@@ -124,7 +125,7 @@ def resolve_models(body: dict[str, Any]) -> list[dict[str, Any]]:
         model = get_model(ns, spec["modelRef"]["name"])
         return [model] if model else []
     selector = "" if spec.get("allModels") else selector_string(spec.get("modelSelector") or {})
-    items = k8s.CustomObjectsApi().list_namespaced_custom_object(
+    items = custom_objects().list_namespaced_custom_object(
         GROUP, VERSION, ns, MODELS, label_selector=selector
     )["items"]
     return sorted(items, key=lambda m: m["metadata"]["name"])
@@ -294,17 +295,13 @@ class Member:
 
 def requests_in(namespace: str) -> list[dict[str, Any]]:
     return list(
-        k8s.CustomObjectsApi().list_namespaced_custom_object(GROUP, VERSION, namespace, REQUESTS)[
-            "items"
-        ]
+        custom_objects().list_namespaced_custom_object(GROUP, VERSION, namespace, REQUESTS)["items"]
     )
 
 
 def models_in(namespace: str) -> list[dict[str, Any]]:
     return list(
-        k8s.CustomObjectsApi().list_namespaced_custom_object(GROUP, VERSION, namespace, MODELS)[
-            "items"
-        ]
+        custom_objects().list_namespaced_custom_object(GROUP, VERSION, namespace, MODELS)["items"]
     )
 
 
@@ -326,7 +323,7 @@ def update_target(
     is left alone (its certificate, if any, is in S3). When the request's phase
     changes, ``events`` gets one Event about the request."""
     meta = member.body["metadata"]
-    api = k8s.CustomObjectsApi()
+    api = custom_objects()
     for _ in range(10):
         try:
             body = api.get_namespaced_custom_object(
@@ -629,24 +626,24 @@ def sweep_expired(
     first model. The TTL is the shortest ``ttlSecondsAfterFinished`` of the request's
     models (it holds the ids it names: the strictest policy wins), a day without one.
     Deletion goes through the finalizer (``forget_request``). Returns how many went."""
-    policies = {m["metadata"]["name"]: m["spec"].get("erasurePolicy") or {} for m in models}
-    first = min(policies, default=None)
+    ttls = {}
+    for m in models:
+        policy = ErasurePolicy.parse(m["spec"]["erasurePolicy"])
+        ttls[m["metadata"]["name"]] = policy.ttl_seconds_after_finished
+    first = min(ttls, default=None)
     deleted = 0
     for r in requests:
         if r["metadata"].get("deletionTimestamp") or not finished_for_good(r):
             continue
-        present = sorted(t["model"] for t in targets_of(r) if t["model"] in policies)
+        present = sorted(t["model"] for t in targets_of(r) if t["model"] in ttls)
         if (present[0] if present else first) != sweeper:
             continue
-        ttl = min(
-            (int(policies[m].get("ttlSecondsAfterFinished", DEFAULT_TTL_SECONDS)) for m in present),
-            default=DEFAULT_TTL_SECONDS,
-        )
+        ttl = min((ttls[m] for m in present), default=DEFAULT_TTL_SECONDS)
         if not expired(r, ttl):
             continue
         meta = r["metadata"]
         try:
-            k8s.CustomObjectsApi().delete_namespaced_custom_object(
+            custom_objects().delete_namespaced_custom_object(
                 GROUP, VERSION, meta["namespace"], REQUESTS, meta["name"]
             )
             deleted += 1

@@ -167,7 +167,8 @@ async def model_loop(
 def reconcile_once(namespace: str, name: str) -> bool:
     """One step of the model's state machine on a fresh read of it; its status changes
     are written with a merge patch (fields gone are set to null). True when the next
-    step is due at once: a batch was formed or closed (the next one may be waiting)."""
+    step is due at once: a batch was closed (the next one may be waiting; a batch
+    formed is taken as far as it goes in the tick that forms it)."""
     t0 = time.time()
     body = get_model(namespace, name)
     if body is None:
@@ -183,7 +184,7 @@ def reconcile_once(namespace: str, name: str) -> bool:
     batch_before = (old.get("activeBatch") or {}).get("id")
     batch_after = (status.get("activeBatch") or {}).get("id")
     log.debug("reconciled in %.3f s (batch %s -> %s)", time.time() - t0, batch_before, batch_after)
-    return batch_before != batch_after
+    return batch_before is not None and batch_before != batch_after
 
 
 @kopf.on.create(GROUP, VERSION, REQUESTS)

@@ -78,6 +78,7 @@ import yaml
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
+from lethe_operator import kubeapi
 from lethe_operator.raylaunch import SECRET_ENV, JobStatus, RayUnavailable, job_entrypoint
 
 GROUP, VERSION, PLURAL, KIND = "ray.io", "v1", "rayjobs", "RayJob"
@@ -193,7 +194,7 @@ class KubeRayJobs:
         self.model = model
         self.credentials_secret = credentials_secret
         self.ttl = ttl_seconds_after_finished
-        self.api = k8s.CustomObjectsApi(api_client)
+        self.api = k8s.CustomObjectsApi(api_client or kubeapi.api_client())
 
     # -- Kubernetes calls --------------------------------------------------------------
     def _get(self, name: str) -> dict[str, Any] | None:

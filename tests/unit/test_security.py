@@ -4,6 +4,8 @@ on the real stack."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from lethe.store import S3Settings, Store
@@ -15,6 +17,9 @@ from lethe_operator.context import (
     check_ray_address,
 )
 from lethe_operator.raylaunch import RayJobs
+from lethe_operator.spec import ModelSpec
+
+from .test_spec import spec_schema, with_defaults
 
 
 def test_ray_addresses_are_compared_by_scheme_host_port_and_path(
@@ -62,7 +67,8 @@ def test_a_jobs_runtime_env_holds_where_the_data_is_never_the_keys(
         },
         "storage": {"bucket": "bkt"},
     }
-    ctx = ModelContext("ns", "m", "uid", spec, Store(settings), ModelLayout.of("ns.m"))
+    parsed = ModelSpec.parse(with_defaults(spec, spec_schema()))
+    ctx = ModelContext("ns", "m", "uid", parsed, Store(settings), ModelLayout.of("ns.m"))
     jobs = ctx.ray()
     assert isinstance(jobs, RayJobs) and jobs.address == "http://10.0.0.7:8265"
     assert jobs.env == {
@@ -75,6 +81,7 @@ def test_a_jobs_runtime_env_holds_where_the_data_is_never_the_keys(
     assert RayJobs("http://x", {"AWS_ACCESS_KEY_ID": "a", "LETHE_BUCKET": "b"}).env == {
         "LETHE_BUCKET": "b"
     }
-    spec["ray"]["address"] = "http://10.0.0.8:8265"  # edited after the context was made
-    with pytest.raises(ModelRefused):
-        ctx.ray()
+    spec["ray"]["address"] = "http://10.0.0.8:8265"  # a spec edited since, read again
+    edited = replace(ctx, spec=ModelSpec.parse(with_defaults(spec, spec_schema())))
+    with pytest.raises(ModelRefused):  # the address is checked again when it is used
+        edited.ray()

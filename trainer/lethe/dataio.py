@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,60 @@ def _put_addressed(
     if not store.exists(key):
         put(key)
     return FileRef(key, sha, rows)
+
+
+def without_rows(
+    store: Store,
+    ref: FileRef,
+    erased: Callable[[pa.ChunkedArray], np.ndarray],
+    key_for: Callable[[str], str],
+    tombstone_for: Callable[[str], str] | None = None,
+) -> FileRef | None:
+    """``ref``'s file without the rows that ``erased`` marks (given a record-id column),
+    written content-addressed with the bytes ``encode`` gives those rows; None when it
+    marks none. Streamed through local files a row group at a time: this holds a row
+    group, not the file. (A file's rows are in record-id order, and dropping rows keeps
+    that order, so regrouping the rest by ROW_GROUP_ROWS is ``encode``'s layout.)"""
+    with tempfile.TemporaryDirectory(prefix="lethe-patch-") as tmp:
+        source, out = Path(tmp, "in.parquet"), Path(tmp, "out.parquet")
+        with open(source, "wb") as f:
+            store.download(ref.key, f)
+        pf = pq.ParquetFile(source)
+        masks = [
+            erased(pf.read_row_group(g, ["record_id"]).column("record_id"))
+            for g in range(pf.num_row_groups)
+        ]
+        if not any(m.any() for m in masks):
+            return None
+        with open(out, "wb") as sink:
+            write_rows(sink, pf.schema_arrow, _regrouped(pf, masks))
+        kept = sum(len(m) - int(m.sum()) for m in masks)
+        return put_file_content_addressed(store, out, kept, key_for, tombstone_for)
+
+
+def _regrouped(pf: pq.ParquetFile, masks: list[np.ndarray]) -> Iterator[pa.Table]:
+    """The rows of ``pf`` that ``masks`` (one per row group) leave, ROW_GROUP_ROWS at a
+    time, each group one chunk (as ``sorted_chunks`` gives them)."""
+    rows = ROW_GROUP_ROWS
+    pending: list[pa.Table] = []
+    held = 0
+    written = False
+    for group, mask in enumerate(masks):
+        table = pf.read_row_group(group)
+        if mask.any():
+            table = table.filter(pa.array(~mask))
+        while table.num_rows:
+            take = min(rows - held, table.num_rows)
+            pending.append(table.slice(0, take))
+            table = table.slice(take)
+            held += take
+            if held == rows:
+                yield pa.concat_tables(pending).combine_chunks()
+                pending, held, written = [], 0, True
+    if pending:
+        yield pa.concat_tables(pending).combine_chunks()
+    elif not written:  # no row left: one empty row group, as pyarrow writes an empty table
+        yield pf.schema_arrow.empty_table()
 
 
 def read_table(store: Store, ref: FileRef, columns: list[str] | None = None) -> pa.Table:

@@ -122,7 +122,6 @@ class Engine:
     faults: Faults = FAULTS  # fault injection (``lethe.faults``; the tests' crashes)
     # the erase order of the batch this engine's job runs (``patch_by_order``)
     order: EraseOrder | None = None
-    _tables: dict[str, Any] = field(default_factory=dict)
     _erased_rows: dict[str, ErasedRows] = field(default_factory=dict)  # by batch, one kept
 
     @property
@@ -356,17 +355,14 @@ class Engine:
     # -- step 4: patch ---------------------------------------------------------------
     def _patch(self, plan: ErasurePlan) -> dict[str, Any]:
         erased = self._erased(plan)
-        replaced: set[str] = set()
+        done: dict[str, FileRef | None] = {}  # a retried ``change`` filters nothing twice
 
         def filtered(ref: FileRef, key_for: Callable[[str], str]) -> FileRef | None:
-            table = self._table(ref)
-            mask = erased.records(table.column("record_id"))
-            if not mask.any():
-                return None
-            replaced.add(ref.key)
-            return dataio.write_content_addressed(
-                self.store, dataio.drop_rows(table, mask), key_for, self.layout.tombstone
-            )
+            if ref.key not in done:
+                done[ref.key] = dataio.without_rows(
+                    self.store, ref, erased.records, key_for, self.layout.tombstone
+                )
+            return done[ref.key]
 
         def change(g: Generation) -> Generation | None:
             nxt = None
@@ -397,13 +393,8 @@ class Engine:
             f"{plan.records_erased} record(s) dropped from the data "
             f"(generation {live.generation.number})",
         )
-        return {"generation": live.generation.number, "replaced": sorted(replaced)}
-
-    def _table(self, ref: FileRef) -> Any:
-        if ref.key not in self._tables:
-            self._tables.clear()  # hold one shard's files at a time, not the dataset
-            self._tables[ref.key] = dataio.read_table(self.store, ref)
-        return self._tables[ref.key]
+        replaced = sorted(k for k, f in done.items() if f is not None)
+        return {"generation": live.generation.number, "replaced": replaced}
 
     # -- purge of the raw data (right after the patch) ---------------------------------
     def _purge_data(self, plan: ErasurePlan) -> dict[str, Any]:
