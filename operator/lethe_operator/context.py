@@ -31,10 +31,10 @@ from kubernetes.client.rest import ApiException
 
 from lethe.certs import Keys, KeysError
 from lethe.core.config import ModelConfig
-from lethe.erasure import Engine
 from lethe.errors import UserError
 from lethe.faults import FAULTS
 from lethe.layout import ModelLayout
+from lethe.service import ModelService
 from lethe.store import S3Settings, Store
 from lethe_operator.kubeapi import core_v1, custom_objects
 from lethe_operator.raylaunch import SECRET_ENV, Launcher, RayJobs
@@ -308,6 +308,7 @@ class ModelContext:
     store: Store
     layout: ModelLayout
     _keys: Keys | None = field(default=None, repr=False)
+    _service: ModelService | None = field(default=None, repr=False)
 
     @property
     def model_id(self) -> str:
@@ -348,21 +349,19 @@ class ModelContext:
             self._keys = load_keys(self.namespace, self.spec.keys_secret)
         return self._keys
 
-    def plan_exists(self, batch: str) -> bool:
-        """Whether the batch has its plan in S3 (needs no keys)."""
-        return Engine(self.store, self.layout, trainer=None).plan_exists(batch)
-
-    def engine(self) -> Engine:
-        """The engine for this model's erasures, with the model's own keys (its id
-        hashes and certificates are made with them, never with another key)."""
-        return Engine(
-            self.store,
-            self.layout,
-            trainer=None,
-            keys=self.keys(),
-            storage_backend=self.spec.storage.backend,
-            storage_admin=self.spec.storage.admin_endpoint,
-        )
+    def service(self) -> ModelService:
+        """The model's one entry into the engine, with the model's own credentials and
+        keys (its id hashes and certificates are made with them, never another key's;
+        loaded when a step needs them). One per context: a reconcile's steps share it."""
+        if self._service is None:
+            self._service = ModelService(
+                self.store,
+                self.layout,
+                keys=self.keys,
+                storage_backend=self.spec.storage.backend,
+                storage_admin=self.spec.storage.admin_endpoint,
+            )
+        return self._service
 
 
 def model_context(body: dict[str, Any]) -> ModelContext:

@@ -1,5 +1,6 @@
-"""The operator's control logic for ShardedModels: plain functions over the engine and
-the Kubernetes API (the request side is ``erasures``).
+"""The operator's control logic for ShardedModels: plain functions over the model's
+service (``lethe.service.ModelService``, its one entry into the engine) and the
+Kubernetes API (the request side is ``erasures``).
 
 State lives in the objects' status and in S3, never in this process, so killing the
 operator at any moment and starting it again resumes every request:
@@ -25,15 +26,14 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from lethe.checkpoints import pending_slices
 from lethe.core.config import ConfigError
 from lethe.core.manifest import Generation
 from lethe.core.plan import ErasurePlan, ErasureRequest
-from lethe.erasure import Engine, batch_id, release_holds
-from lethe.generations import ModelNotFound, read_live
-from lethe.ingest import LayoutOwned, check_owner
-from lethe.jobs import ingest_error, request_ingest
-from lethe.sources import Source, SourceError, pin_source
+from lethe.erasure import batch_id
+from lethe.generations import ModelNotFound
+from lethe.ingest import LayoutOwned
+from lethe.service import ModelService
+from lethe.sources import Source, SourceError
 from lethe.store import PreconditionFailed
 from lethe_operator import metrics, wakeup
 from lethe_operator.batches import (
@@ -119,18 +119,19 @@ def reconcile_model(body: dict[str, Any], events: Events) -> dict[str, Any]:
         status.pop("certificates", None)
         return not_ready(e.reason, str(e))
     status["certificates"] = {"publicKey": keys.public_pem(), "fingerprint": keys.fingerprint}
+    service = ctx.service()
     try:
-        live = read_live(ctx.store, ctx.layout).generation
+        live = service.live()
     except ModelNotFound:
         waiting = run_ingest(ctx, body, status, events)
         if waiting is not None:
             return not_ready(*waiting)
-        live = read_live(ctx.store, ctx.layout).generation
+        live = service.live()
     # Only the committed generation counts: checkpoints a train job wrote but has not
     # committed yet (with the accuracy) do not make the model Ready.
     # A quarantined shard whose data an erasure has patched is untrained until the
     # erasure's own retrain: only an erasure batch trains it, never a train job.
-    untrained = set(pending_slices(live)) - set(live.quarantined_shards)
+    untrained = service.untrained_shards(live) - set(live.quarantined_shards)
     if untrained and not status.get("activeBatch"):
         attempt = int(status.get("trainAttempt", 0))
         launcher = ctx.ray(owners=[body])
@@ -156,9 +157,9 @@ def reconcile_model(body: dict[str, Any], events: Events) -> dict[str, Any]:
         return status
     conds = set_condition(conds, "Training", False, "Trained", "", observed)
     status = run_batches(ctx, body, status, requests, events)
-    live = read_live(ctx.store, ctx.layout).generation
+    live = service.live()
     if release_orphaned_holds(ctx, live, requests):
-        live = read_live(ctx.store, ctx.layout).generation
+        live = service.live()
     q = live.quarantined_shards
     conds = set_condition(
         conds,
@@ -212,7 +213,7 @@ def run_ingest(
         ):
             return "IngestFailed", str(failed.get("message", ""))
         attempt += 1
-    try:
+    try:  # what the CRD cannot say (it says nearly everything)
         cfg = ctx.config()
         cfg.validate()
         Source.parse(cfg.source_uri, cfg.source_format)
@@ -223,22 +224,21 @@ def run_ingest(
     job = launcher.status(job_id)
     if job is None:  # not submitted yet: say what it ingests first
         try:  # the job reads with the cluster's keys: only what the model's keys reach
-            objects = pin_source(ctx.store, cfg)
+            ctx.service().request_ingest(cfg, ctx.uid)
         except SourceError as e:
             return "IngestFailed", f"{type(e).__name__}: {e}"[:500]
-        request_ingest(ctx.store, ctx.layout, cfg, ctx.uid, objects)
         job = launcher.ensure(job_id, ["ingest", "--model-prefix", ctx.layout.prefix])
     status["ingest"] = _ingest_state(attempt, job_id)
     if job.status == "SUCCEEDED":
         try:
-            read_live(ctx.store, ctx.layout)
+            ctx.service().live()
         except ModelNotFound:  # succeeded without a model: someone deleted it; again
             status["ingest"] = _ingest_state(attempt + 1)
             return "Ingesting", "the ingested model disappeared; ingesting again"
         events.info("Ingested", "dataset sharded and written to S3 (generation 1)")
         return None
     if job.status in ("FAILED", "STOPPED"):
-        refused = ingest_error(ctx.store, ctx.layout)
+        refused = ctx.service().ingest_error()
         if refused is None and attempt < ctx.spec.ray.max_retries:
             status["ingest"] = _ingest_state(attempt + 1)
             return "Ingesting", f"ingest job {job_id} failed; trying again"
@@ -276,7 +276,7 @@ def release_orphaned_holds(
         orphans -= {holder(r["metadata"]["uid"]) for r in requests_in(ctx.namespace)}
     if not orphans:
         return False
-    release_holds(ctx.store, ctx.layout, orphans)
+    ctx.service().release(orphans)
     log.info("%s: released %d orphaned quarantine hold(s)", ctx.model_id, len(orphans))
     return True
 
@@ -290,7 +290,7 @@ def own_layout(ctx: ModelContext, annotations: dict[str, str], events: Events) -
     ``lethe.dev/adopt-layout`` names that owner's UID: the owner record is then
     rewritten with a conditional put, so two adopters cannot both win."""
     try:
-        check_owner(ctx.store, ctx.layout, ctx.uid)
+        ctx.service().check_owner(ctx.uid)
     except LayoutOwned:
         pass
     else:
@@ -392,7 +392,7 @@ def readable_requests(
         except (KeyError, ValueError) as e:
             reason, msg = "InvalidSubjects", f"cannot read the subjects: {e}"
         # (any other ApiException: the API is unwell; the tick is tried again)
-        release_holds(ctx.store, ctx.layout, {holder(m.uid)})
+        ctx.service().release({holder(m.uid)})
         update_target(
             m,
             ctx.name,
@@ -434,21 +434,21 @@ def advance_batch(
     step from the facts (S3, Ray), this function performs it and gathers the facts
     again, until the batch waits (its retrain runs, a retry backs off) or closes."""
     batch = ActiveBatch.from_status(status["activeBatch"])
-    engine = ctx.engine()
+    service = ctx.service()
     kill_point("batched")
-    result = engine.result_of_batch(batch.id)
+    result = service.result(batch.id)
     facts = Facts(certified=result is not None)
     plan = None
     batch_members: list[Member] = []
     if result is None:
-        plan = _plan(ctx, engine, batch, members, events)
+        plan = _plan(ctx, service, batch, members, events)
         if plan is None:  # every request gone before it was planned
             status.pop("activeBatch", None)
             return status
         in_plan = {r.uid for r in plan.requests}
         batch_members = [m for m in members if m.uid in in_plan]
-        release_holds(ctx.store, ctx.layout, {holder(uid) for uid in in_plan})
-        facts = _progress(engine, plan, facts)
+        service.release({holder(uid) for uid in in_plan})
+        facts = _progress(service, plan, facts)
     max_retries = ctx.spec.ray.max_retries
     job_message = ""
     while (step := next_step(batch, facts, time.time(), max_retries)) is not Step.REPORT:
@@ -463,7 +463,7 @@ def advance_batch(
                     time.time() - batch.started
                 )
             t0 = time.time()
-            result = engine.finish(plan)
+            result = service.finish(plan)
             log.debug("batch %s certified in %.3f s", batch.id, time.time() - t0)
             kill_point("certified")
             facts = replace(facts, certified=True)
@@ -483,7 +483,7 @@ def advance_batch(
                 _set_target(ctx, m, {"batchId": batch.id, "rayJobId": job.submission_id}, events)
             if not job.done and isinstance(launcher, RayJobs):
                 wakeup.watch_job(launcher, job, ctx.namespace, ctx.name)
-            facts = replace(_progress(engine, plan, facts), job=job.status)
+            facts = replace(_progress(service, plan, facts), job=job.status)
             job_message = job.message
         elif step is Step.RETRY:
             events.warning("RetrainRetry", f"retrain {batch.job_id} failed; retrying")
@@ -525,7 +525,7 @@ def advance_batch(
 
 def _plan(
     ctx: ModelContext,
-    engine: Engine,
+    service: ModelService,
     batch: ActiveBatch,
     members: list[Member],
     events: Events,
@@ -533,7 +533,7 @@ def _plan(
     """The batch's plan: made now from its requests, its shards quarantined and its
     erase order written for the job (which patches and purges), or read back. None
     when every request of the batch was deleted or unreadable before it was planned."""
-    if engine.plan_exists(batch.id):
+    if service.plan_exists(batch.id):
         reqs: list[ErasureRequest] = []  # the plan says who is in the batch
     else:
         named = [m for m in members if m.name in batch.requests]
@@ -546,15 +546,15 @@ def _plan(
             )
             return None
     t0 = time.time()
-    plan = engine.prepare(reqs, batch.requested_at, batch=batch.id, patch=False)
-    engine.order_erasure(plan)
+    plan = service.start_batch(batch.id, reqs, batch.requested_at)
     log.debug("batch %s planned in %.3f s", batch.id, time.time() - t0)
     return plan
 
 
-def _progress(engine: Engine, plan: ErasurePlan, facts: Facts) -> Facts:
+def _progress(service: ModelService, plan: ErasurePlan, facts: Facts) -> Facts:
     """What S3 says of the batch's job: its data erased, its shards committed."""
-    return replace(facts, committed=engine.committed(plan), data_erased=engine.data_erased(plan))
+    committed, data_erased = service.progress(plan)
+    return replace(facts, committed=committed, data_erased=data_erased)
 
 
 def _set_target(ctx: ModelContext, m: Member, change: dict[str, Any], events: Events) -> None:

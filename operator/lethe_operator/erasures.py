@@ -39,10 +39,9 @@ from typing import Any
 from kubernetes.client.rest import ApiException
 
 from lethe.core.plan import ErasureRequest, parse_id_lines
-from lethe.erasure import hold_shards, release_holds, resolve_shards
 from lethe.errors import TransientError, UserError
-from lethe.generations import ModelNotFound, read_live
-from lethe.ingest import LayoutOwned, check_owner
+from lethe.generations import ModelNotFound
+from lethe.ingest import LayoutOwned
 from lethe_operator import metrics
 from lethe_operator.batches import RequestPhase
 from lethe_operator.context import (
@@ -510,9 +509,10 @@ def accept_request(body: dict[str, Any], events: Events) -> dict[str, Any]:
             raise NotReady(
                 f"ShardedModel {model['metadata']['name']} cannot take requests ({why})"
             ) from None
+        service = ctx.service()
         try:
-            check_owner(ctx.store, ctx.layout, ctx.uid)
-            live = read_live(ctx.store, ctx.layout).generation
+            service.check_owner(ctx.uid)
+            live = service.live()
         except LayoutOwned:
             raise NotReady(
                 f"ShardedModel {ctx.name}: its S3 layout belongs to another model "
@@ -520,8 +520,8 @@ def accept_request(body: dict[str, Any], events: Events) -> dict[str, Any]:
             ) from None
         except ModelNotFound:
             raise NotReady(f"ShardedModel {ctx.name} has no data in S3 yet") from None
-        shards = resolve_shards(ctx.store, live, subjects, records)
-        hold_shards(ctx.store, ctx.layout, holder(meta["uid"]), shards)
+        shards = service.shards_of(live, subjects, records)
+        service.hold(holder(meta["uid"]), shards)
         forget = max(time.time() - created, 0.0)
         if metrics.first_time("forget", meta["uid"], ctx.name):  # a retry observes nothing
             metrics.time_to_forget.labels(ns, ctx.name).observe(forget)
@@ -587,14 +587,14 @@ def forget_request(body: dict[str, Any], events: Events) -> None:
             continue
         if not in_batch(target):
             if name in active.get("requests", []):
-                if not ctx.plan_exists(active["id"]):
+                if not ctx.service().plan_exists(active["id"]):
                     raise BatchNotPlanned(
                         f"ShardedModel {model_name}: the request's batch is named and "
                         "not planned yet; its deletion waits for the plan"
                     )
             elif not settled(target):
                 cancelled += 1
-        release_holds(ctx.store, ctx.layout, {holder(uid)})
+        ctx.service().release({holder(uid)})
     if cancelled:
         events.info(
             "Cancelled",

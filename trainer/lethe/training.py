@@ -103,6 +103,12 @@ class SliceSpool:
         self._x.close()
         self._y.close()
 
+    def __enter__(self) -> SliceSpool:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
 
 def _write_report(store: Store, task: ShardTask, cfg: ModelConfig, **fields: Any) -> None:
     """One attempt's resources so far: a certificate's cost and runs are derived from
@@ -172,8 +178,9 @@ def train_shard(
     import ray.train
     import ray.train.torch
     import torch
+    from torch import nn
 
-    from lethe.models import build_model, load_checkpoint
+    from lethe.models import build_model, load_checkpoint, save_checkpoint
 
     tc = cfg.trainer
     torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
@@ -191,133 +198,108 @@ def train_shard(
     if world > 1:
         model = ray.train.torch.prepare_model(model, move_to_device=False)
 
-    with tempfile.TemporaryDirectory(prefix="lethe-shard-") as tmp:
-        spool = SliceSpool(tmp, cfg.num_features)
-        try:
-            return _train_slices(
-                cfg, task, store, rank, world, report, model, optimizer, spool, device
-            )
-        finally:
-            spool.close()
-
-
-def _train_slices(
-    cfg: ModelConfig,
-    task: ShardTask,
-    store: Store,
-    rank: int,
-    world: int,
-    report: Callable[[dict[str, Any], bool], None],
-    model: Any,
-    optimizer: Any,
-    spool: SliceSpool,
-    device: Any,
-) -> dict[str, Any]:
-    """``train_shard``'s loop over the slices, reading them through ``spool``."""
-    import torch
-    from torch import nn
-
-    from lethe.models import load_checkpoint, save_checkpoint
-
-    tc = cfg.trainer
     loss_fn = nn.CrossEntropyLoss()
     eps = tc.epochs_per_slice(cfg.slices)
-    train_seconds = 0.0
-    train_cpu = 0.0  # CPU seconds of this thread in those loops (below wall: starved)
-    trained = 0  # slices trained by this run (not loaded from another writer's checkpoint)
-    metrics: dict[str, Any] = {"train_seconds": 0.0, "slices_trained": 0, "peak_rss": 0}
-    for r in range(cfg.slices):
-        try:
-            spool.add(store, task.data[r]["key"])
-        except NotFound:
-            if _purged_meanwhile(store, task, r):  # an erasure purged it under us
-                raise StaleLineage(f"{STALE_MARK} shard {task.shard} slice {r}") from None
-            raise
-        if r < task.first_slice:
-            continue
-        if _already_trained(store, task, cfg, r):
-            # Another writer trained this exact lineage meanwhile (training is
-            # deterministic, so its checkpoint is what we would write): resume from it
-            # rather than train and write it a second time.
-            state = load_checkpoint(store.get(task.checkpoints[r]))
-            inner = model.module if hasattr(model, "module") else model
-            inner.load_state_dict(state["model"])
-            if state.get("optimizer"):
-                optimizer.load_state_dict(state["optimizer"])
-            report({"slice": r, "train_seconds": train_seconds, "skipped": 1}, False)
-            continue
-        trained += 1
-        t0, c0 = time.perf_counter(), time.thread_time()
-        X, Y = spool.arrays()
-        n = len(Y)
-        # Seeds depend on (seed, shard, slice) only: retraining a slice on the same data
-        # from the same checkpoint gives the same model.
-        seed = tc.seed * 1_000_003 + task.shard * 1009 + r
-        torch.manual_seed(seed)
-        rng = np.random.default_rng(seed)
-        model.train()
-        if n:
-            steps = max(1, math.ceil(eps * n / tc.batch_size))
-            order = np.concatenate(
-                [rng.permutation(n) for _ in range(math.ceil(steps * tc.batch_size / n) + 1)]
-            )
-            for step in range(steps):
-                idx = order[step * tc.batch_size : (step + 1) * tc.batch_size]
-                idx = idx[rank::world]
-                if len(idx) == 0:
-                    continue
-                xb = torch.from_numpy(np.asarray(X[idx])).to(device)
-                yb = torch.from_numpy(np.asarray(Y[idx])).to(device)
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model(xb), yb)
-                loss.backward()
-                optimizer.step()
-        train_seconds += time.perf_counter() - t0
-        train_cpu += time.thread_time() - c0
-        if rank == 0:
-            inner = model.module if hasattr(model, "module") else model
-            meta = {"shard": task.shard, "slice": r, "lineage": task.lineages[r]}
-            key = task.checkpoints[r]
-            record = ModelLayout.checkpoint_lineage_record(key)
-            # The record first: a checkpoint must never exist without it (a crash in
-            # between leaves a record alone, which is harmless and rewritten alike).
-            store.put_json(
-                record,
-                {
-                    **meta,
-                    "trainer": cfg.trainer_fingerprint(),
-                    "data": [d["sha256"] for d in task.data[: r + 1]],
-                    "run_id": task.run_id,
-                    "attempt": task.attempt,
-                },
-            )
-            store.put(key, save_checkpoint(inner, optimizer, meta))
-            # After the write, look for tombstones: an erasure that purged our data
-            # wrote its tombstone before sweeping checkpoints, so either its sweep
-            # sees this checkpoint or we see its tombstone (never neither).
-            if _purged_meanwhile(store, task, r):
-                store.purge(key)
-                store.purge(record)
-                raise StaleLineage(f"{STALE_MARK} shard {task.shard} slice {r}")
-            _write_report(
-                store,
-                task,
-                cfg,
-                updated_at=time.time(),
-                slices_trained=trained,
-                train_seconds=train_seconds,
-                peak_rss_bytes=peak_rss_bytes(),
-                finished=False,
-            )
-        metrics = {
-            "slice": r,
-            "train_seconds": train_seconds,
-            "train_cpu_seconds": train_cpu,
-            "peak_rss": peak_rss_bytes(),
-            "slices_trained": trained,
-        }
-        report(metrics, r == cfg.slices - 1)
-    return metrics
+    with (
+        tempfile.TemporaryDirectory(prefix="lethe-shard-") as tmp,
+        SliceSpool(tmp, cfg.num_features) as spool,
+    ):
+        train_seconds = 0.0
+        train_cpu = 0.0  # CPU seconds of this thread in those loops (below wall: starved)
+        trained = 0  # slices trained by this run (not loaded from another writer's checkpoint)
+        metrics: dict[str, Any] = {"train_seconds": 0.0, "slices_trained": 0, "peak_rss": 0}
+        for r in range(cfg.slices):
+            try:
+                spool.add(store, task.data[r]["key"])
+            except NotFound:
+                if _purged_meanwhile(store, task, r):  # an erasure purged it under us
+                    raise StaleLineage(f"{STALE_MARK} shard {task.shard} slice {r}") from None
+                raise
+            if r < task.first_slice:
+                continue
+            if _already_trained(store, task, cfg, r):
+                # Another writer trained this exact lineage meanwhile (training is
+                # deterministic, so its checkpoint is what we would write): resume from it
+                # rather than train and write it a second time.
+                state = load_checkpoint(store.get(task.checkpoints[r]))
+                inner = model.module if hasattr(model, "module") else model
+                inner.load_state_dict(state["model"])
+                if state.get("optimizer"):
+                    optimizer.load_state_dict(state["optimizer"])
+                report({"slice": r, "train_seconds": train_seconds, "skipped": 1}, False)
+                continue
+            trained += 1
+            t0, c0 = time.perf_counter(), time.thread_time()
+            X, Y = spool.arrays()
+            n = len(Y)
+            # Seeds depend on (seed, shard, slice) only: retraining a slice on the same data
+            # from the same checkpoint gives the same model.
+            seed = tc.seed * 1_000_003 + task.shard * 1009 + r
+            torch.manual_seed(seed)
+            rng = np.random.default_rng(seed)
+            model.train()
+            if n:
+                steps = max(1, math.ceil(eps * n / tc.batch_size))
+                order = np.concatenate(
+                    [rng.permutation(n) for _ in range(math.ceil(steps * tc.batch_size / n) + 1)]
+                )
+                for step in range(steps):
+                    idx = order[step * tc.batch_size : (step + 1) * tc.batch_size]
+                    idx = idx[rank::world]
+                    if len(idx) == 0:
+                        continue
+                    xb = torch.from_numpy(np.asarray(X[idx])).to(device)
+                    yb = torch.from_numpy(np.asarray(Y[idx])).to(device)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = loss_fn(model(xb), yb)
+                    loss.backward()
+                    optimizer.step()
+            train_seconds += time.perf_counter() - t0
+            train_cpu += time.thread_time() - c0
+            if rank == 0:
+                inner = model.module if hasattr(model, "module") else model
+                meta = {"shard": task.shard, "slice": r, "lineage": task.lineages[r]}
+                key = task.checkpoints[r]
+                record = ModelLayout.checkpoint_lineage_record(key)
+                # The record first: a checkpoint must never exist without it (a crash in
+                # between leaves a record alone, which is harmless and rewritten alike).
+                store.put_json(
+                    record,
+                    {
+                        **meta,
+                        "trainer": cfg.trainer_fingerprint(),
+                        "data": [d["sha256"] for d in task.data[: r + 1]],
+                        "run_id": task.run_id,
+                        "attempt": task.attempt,
+                    },
+                )
+                store.put(key, save_checkpoint(inner, optimizer, meta))
+                # After the write, look for tombstones: an erasure that purged our data
+                # wrote its tombstone before sweeping checkpoints, so either its sweep
+                # sees this checkpoint or we see its tombstone (never neither).
+                if _purged_meanwhile(store, task, r):
+                    store.purge(key)
+                    store.purge(record)
+                    raise StaleLineage(f"{STALE_MARK} shard {task.shard} slice {r}")
+                _write_report(
+                    store,
+                    task,
+                    cfg,
+                    updated_at=time.time(),
+                    slices_trained=trained,
+                    train_seconds=train_seconds,
+                    peak_rss_bytes=peak_rss_bytes(),
+                    finished=False,
+                )
+            metrics = {
+                "slice": r,
+                "train_seconds": train_seconds,
+                "train_cpu_seconds": train_cpu,
+                "peak_rss": peak_rss_bytes(),
+                "slices_trained": trained,
+            }
+            report(metrics, r == cfg.slices - 1)
+        return metrics
 
 
 def train_shard_loop(config: dict[str, Any]) -> None:
