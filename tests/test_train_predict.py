@@ -110,7 +110,7 @@ def test_a_worker_reads_its_slices_a_row_group_at_a_time(
         pq.write_table(table, sink, row_group_size=50)
         keys.append(f"{layout.prefix}/spool-test/{r}.parquet")
         store.put(keys[-1], sink.getvalue().to_pybytes())
-    spool = SliceSpool(str(tmp_path), gen.config.num_features)
+    spool = SliceSpool(str(tmp_path), gen.config)
     try:
         whole_x, whole_y = [], []
         for key in keys:

@@ -225,25 +225,22 @@ def erasure_outlook(gen: Generation, model: str) -> dict[str, Any] | None:
 
 
 def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
-    import numpy as np
-
     from lethe.ingest import read_dataset
     from lethe.predict import Ensemble
 
     store = _store(args)
     ens = Ensemble.live(store, _layout(args))
     table = read_dataset(args.input)
-    cols = list(ens.generation.config.columns.features)
-    ignore = {
-        ens.generation.config.columns.record_id,
-        ens.generation.config.columns.subject_id,
-        ens.generation.config.columns.label,
-    }
-    cols = cols or [c for c in table.column_names if c not in ignore]
-    missing = [c for c in cols if c not in table.column_names]
-    if missing:
-        raise UsageError(f"input lacks feature column(s) {missing}")
-    x = np.column_stack([table.column(c).to_numpy().astype(np.float32) for c in cols])
+    cfg = ens.generation.config
+    if cfg.columns.file:  # file-backed records: the input names their files
+        from lethe.files import FileDecoder
+
+        if cfg.columns.file not in table.column_names:
+            raise UsageError(f"input lacks the file column {cfg.columns.file!r}")
+        uris = [str(u) for u in table.column(cfg.columns.file).to_pylist()]
+        x = FileDecoder(store, cfg).decode_all(uris)[0]
+    else:
+        x = _feature_matrix(table, cfg)
     labels = ens.labels(x, args.aggregate)
     for label in labels:
         print(label)
@@ -252,6 +249,19 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
         "generation": ens.generation.number,
         "constituents": sorted(ens.models),
     }
+
+
+def _feature_matrix(table: Any, cfg: ModelConfig) -> Any:
+    """An input table's feature columns (the model's, or every other column) as float32."""
+    import numpy as np
+
+    cols = list(cfg.columns.features)
+    ignore = {cfg.columns.record_id, cfg.columns.subject_id, cfg.columns.label}
+    cols = cols or [c for c in table.column_names if c not in ignore]
+    missing = [c for c in cols if c not in table.column_names]
+    if missing:
+        raise UsageError(f"input lacks feature column(s) {missing}")
+    return np.column_stack([table.column(c).to_numpy().astype(np.float32) for c in cols])
 
 
 def cmd_erase(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,31 +1,45 @@
 """File-backed records: a record whose content is an object in S3 (an image), named by
 an ``s3://bucket/key`` URI in the dataset's file column (``columns.file``).
 
-At ingest the objects are fetched and decoded into the record's features (images built
-in: grayscale, or RGB for a 3-channel ``trainer.input_shape``, resized to its height and
-width, scaled to [0, 1]); the URI stays in the record's data file. An erasure reads
-the URIs of the rows it drops and deletes those objects with every version; the
+The object stays where it is and is read through a decode function when its record is
+used (images built in, ``decode_image``: grayscale, or RGB for a 3-channel
+``trainer.input_shape``, resized to its height and width, scaled to [0, 1]). At ingest
+each object is fetched once, checked (it decodes, to the same size as the others) and
+hashed; a data file holds the record's URI and that sha256 (``FILE_COLUMNS``), not its
+pixels. Training and evaluation fetch and decode the objects of the rows they read
+(``features_and_labels``), and refuse an object whose bytes changed since ingest: the
+slice file's hash, and so the lineage, covers the file's bytes through it. An erasure
+reads the URIs of the rows it drops and deletes those objects with every version; the
 certificate keeps their keyed hashes (a URI may name a person), which ``verify``
 checks against every object version of the buckets it names.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pyarrow as pa
 
+from lethe import dataio
 from lethe.core.config import ModelConfig
-from lethe.errors import UserError
+from lethe.errors import IntegrityFailure, UserError
 from lethe.store import NotFound, Store
 
 FETCH_THREADS = 8
+FILE_COLUMNS = ("uri", "file_sha256")  # a file-backed record's columns in its data file
 
 
 class FileUnreadable(UserError, ValueError):
     """A record's file cannot be fetched or decoded; the message counts, never names."""
+
+
+class FileChanged(IntegrityFailure, RuntimeError):
+    """A record's file no longer has the bytes it had at ingest (edited, or deleted,
+    behind Lethe's back): training on it would not be what the lineage says."""
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -75,9 +89,10 @@ class FileDecoder:
             self._buckets[bucket] = self.store.for_bucket(bucket)
         return self._buckets[bucket].get(key)
 
-    def _one(self, uri: str) -> np.ndarray:
+    def _one(self, uri: str) -> tuple[np.ndarray, str]:
         try:
-            return decode_image(self._fetch(uri), self.shape)
+            body = self._fetch(uri)
+            return decode_image(body, self.shape), hashlib.sha256(body).hexdigest()
         except NotFound:
             raise FileUnreadable("file column: a record's file does not exist") from None
         except (OSError, ValueError) as e:
@@ -85,16 +100,48 @@ class FileDecoder:
                 raise
             raise FileUnreadable(f"file column: a record's file is not an image ({e})") from None
 
-    def decode_all(self, uris: list[str]) -> np.ndarray:
+    def decode_all(self, uris: list[str]) -> tuple[np.ndarray, list[str]]:
+        """The files' pixels, one row each, and the sha256 of each file's bytes."""
         with ThreadPoolExecutor(FETCH_THREADS) as pool:
-            pixels = list(pool.map(self._one, uris))
+            done = list(pool.map(self._one, uris))
+        pixels = [p for p, _ in done]
         sizes = {p.size for p in pixels}
         if len(sizes) > 1:
             raise FileUnreadable(
                 f"file column: images decode to {len(sizes)} different sizes; set "
                 "trainer.inputShape to resize them to one"
             )
-        return np.stack(pixels) if pixels else np.zeros((0, 0), np.float32)
+        stacked = np.stack(pixels) if pixels else np.zeros((0, 0), np.float32)
+        return stacked, [h for _, h in done]
+
+
+def feature_columns(cfg: ModelConfig) -> list[str]:
+    """The columns of a data or test file that ``features_and_labels`` reads."""
+    return ["label", *FILE_COLUMNS] if cfg.columns.file else ["label", "features"]
+
+
+def features_and_labels(
+    store: Store, cfg: ModelConfig, table: pa.Table
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of a data or test file (``feature_columns``) as (features, labels): the
+    features column, or, for file-backed records, each row's file fetched and decoded,
+    refused (FileChanged) unless its bytes are those hashed at ingest."""
+    if not cfg.columns.file:
+        return dataio.features_and_labels(table)
+    labels = table.column("label").to_numpy().astype(np.int64)
+    if not table.num_rows:
+        return np.zeros((0, cfg.num_features), np.float32), labels
+    try:
+        pixels, shas = FileDecoder(store, cfg).decode_all(table.column("uri").to_pylist())
+    except FileUnreadable as e:
+        raise FileChanged(f"{e} (it was read at ingest)") from None
+    ingested = table.column("file_sha256").to_pylist()
+    changed = sum(a != b for a, b in zip(shas, ingested, strict=True))
+    if changed:
+        raise FileChanged(
+            f"file column: {changed} of {len(shas)} records' files changed since ingest"
+        )
+    return pixels.astype(np.float32, copy=False), labels
 
 
 def purge_files(store: Store, uris: Iterable[str]) -> dict[str, int]:

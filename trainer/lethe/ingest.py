@@ -283,10 +283,10 @@ class _Pass1:
         labels = [str(v) for v in batch.column(batch.schema.get_field_index(c.label)).to_pylist()]
         self.labels.update(labels)
         self.hashes.append(_id_hash64(record_ids))
-        uris = None
-        if self.files is not None:
+        uris = shas = None
+        if self.files is not None:  # fetched and decoded to check them, then let go
             uris = _ids(batch, c.file, "file")
-            features = self.files.decode_all(uris)
+            features, shas = self.files.decode_all(uris)
         else:
             features = np.column_stack(
                 [
@@ -313,7 +313,7 @@ class _Pass1:
         )
         np.add.at(self.train_rows, shard[~is_test], 1)
         group = np.where(is_test, -1, shard * cfg.slices + slice_)
-        rows = _spill_batch(record_ids, subject_ids, labels, features, uris)
+        rows = _spill_batch(record_ids, subject_ids, labels, features, uris, shas)
         for g in np.unique(group):
             idx = np.flatnonzero(group == g)
             key = TEST if g < 0 else (int(g) // cfg.slices, int(g) % cfg.slices)
@@ -345,17 +345,22 @@ def _spill_batch(
     labels: list[str],
     features: np.ndarray,
     uris: list[str] | None,
+    shas: list[str] | None,
 ) -> pa.RecordBatch:
-    d = features.shape[1]
-    flat = pa.array(np.ascontiguousarray(features, dtype=np.float32).reshape(-1))
+    """A batch's rows as its data file keeps them: the features, or a file-backed
+    record's URI and the sha256 of its file (``files.FILE_COLUMNS``), never its pixels."""
     cols = {
         "record_id": pa.array(record_ids, pa.string()),
         "subject_id": pa.array(subject_ids, pa.string()),
         "label": pa.array(labels, pa.string()),
-        "features": pa.FixedSizeListArray.from_arrays(flat, max(d, 1)),
     }
-    if uris is not None:
+    if uris is not None and shas is not None:
         cols["uri"] = pa.array(uris, pa.string())
+        cols["file_sha256"] = pa.array(shas, pa.string())
+    else:
+        d = features.shape[1]
+        flat = pa.array(np.ascontiguousarray(features, dtype=np.float32).reshape(-1))
+        cols["features"] = pa.FixedSizeListArray.from_arrays(flat, max(d, 1))
     return pa.RecordBatch.from_pydict(cols)
 
 

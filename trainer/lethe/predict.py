@@ -14,6 +14,7 @@ import torch
 from lethe import dataio
 from lethe.core.manifest import Generation
 from lethe.errors import LetheError
+from lethe.files import feature_columns, features_and_labels
 from lethe.generations import read_live
 from lethe.layout import ModelLayout
 from lethe.models import build_model, load_checkpoint
@@ -95,7 +96,9 @@ def ensemble_accuracy(
 ) -> float | None:
     """Accuracy of the ensemble of ``shards`` (default: the live ones) on the test set."""
     ens = Ensemble.load(store, gen, shards, cache)
-    x, y = dataio.features_and_labels(dataio.read_table(store, gen.test, ["label", "features"]))
+    cfg = gen.config
+    test = dataio.read_table(store, gen.test, feature_columns(cfg))
+    x, y = features_and_labels(store, cfg, test)
     if not ens.models or len(y) == 0:
         return None
     return float((ens.predict(x) == y).mean())

@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 
-from lethe import dataio
 from lethe.core.config import ModelConfig
 from lethe.core.cost import ShardRun
 from lethe.core.manifest import Generation
@@ -63,14 +62,16 @@ class ShardTask:
 class SliceSpool:
     """A shard's training rows on the worker's local disk, slice after slice: each slice
     file is downloaded streamed and appended a row group at a time (features as float32,
-    labels as int64), and the rows are read back by index through ``np.memmap``. A
+    labels as int64; a file-backed record's file fetched and decoded, ``lethe.files``),
+    and the rows are read back by index through ``np.memmap``. A
     worker holds a batch and a row group, never its shard (the page cache holds what it
     can). Indexing gives the values the in-memory arrays gave, so checkpoints are the
     same bytes."""
 
-    def __init__(self, directory: str, features: int) -> None:
+    def __init__(self, directory: str, cfg: ModelConfig) -> None:
         self.directory = directory
-        self.features = features
+        self.cfg = cfg
+        self.features = cfg.num_features
         self.rows = 0
         self._x = open(os.path.join(directory, "x.f32"), "wb")  # closed by close()
         self._y = open(os.path.join(directory, "y.i64"), "wb")
@@ -78,12 +79,16 @@ class SliceSpool:
     def add(self, store: Store, key: str) -> None:
         import pyarrow.parquet as pq
 
+        from lethe.files import feature_columns, features_and_labels
+
+        columns = feature_columns(self.cfg)
         with tempfile.TemporaryFile(dir=self.directory) as f:
             store.download(key, f)
             f.seek(0)
             pf = pq.ParquetFile(f)
             for group in range(pf.num_row_groups):
-                x, y = dataio.features_and_labels(pf.read_row_group(group, ["label", "features"]))
+                rows = pf.read_row_group(group, columns)
+                x, y = features_and_labels(store, self.cfg, rows)
                 if len(y):
                     self._x.write(np.ascontiguousarray(x.reshape(-1, self.features)).tobytes())
                     self._y.write(y.tobytes())
@@ -202,7 +207,7 @@ def train_shard(
     eps = tc.epochs_per_slice(cfg.slices)
     with (
         tempfile.TemporaryDirectory(prefix="lethe-shard-") as tmp,
-        SliceSpool(tmp, cfg.num_features) as spool,
+        SliceSpool(tmp, cfg) as spool,
     ):
         train_seconds = 0.0
         train_cpu = 0.0  # CPU seconds of this thread in those loops (below wall: starved)
