@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from lethe import dataio
+from lethe.core.config import ConfigError
 from lethe.files import FileChanged
 from lethe.generations import read_live
 from lethe.ingest import ingest_source, ingest_table
@@ -116,3 +117,33 @@ def test_records_are_decoded_when_trained_into_the_same_model(
     finally:
         src.put(key, original, "image/png")
     assert ensemble_accuracy(store, read_live(store, layout).generation) == files_gen.accuracy
+
+
+def test_a_decode_function_by_import_path(store: Store, trainer: RayTrainer, dataset) -> None:
+    """``columns.decode`` names the function that turns a file into features, imported
+    where the jobs run: here the built-in one by its import path, which trains the same
+    weights under another lineage (the decoder is part of what a checkpoint holds);
+    a path that does not import refuses the ingest naming the field."""
+    from lethe.ingest import IngestError
+
+    _, refs_uri, _, _ = dataset
+    models = {}
+    for decode in ("image", "lethe.files:decode_image"):
+        name = unique_model("decode")
+        base = replace(small_config(name, shards=1, slices=1), source_uri=refs_uri)
+        cfg = replace(base, columns=replace(base.columns, file="image", decode=decode))
+        layout = ModelLayout.of(name)
+        ingest_source(store, layout, cfg)
+        models[decode], _ = train_model(store, layout, trainer)
+    a, b = (m.shards[0] for m in models.values())
+    assert a.slices[0].lineage != b.slices[0].lineage
+    wa = load_checkpoint(store.get(a.final_checkpoint))["model"]
+    wb = load_checkpoint(store.get(b.final_checkpoint))["model"]
+    assert all(np.array_equal(wa[k].numpy(), wb[k].numpy()) for k in wa)
+
+    name = unique_model("decode-missing")
+    base = replace(small_config(name, shards=1, slices=1), source_uri=refs_uri)
+    cfg = replace(base, columns=replace(base.columns, file="image", decode="nowhere.at_all:fn"))
+    with pytest.raises(Exception, match=r"columns\.decode: cannot import") as e:
+        ingest_source(store, ModelLayout.of(name), cfg)
+    assert isinstance(e.value, IngestError | ConfigError)

@@ -129,6 +129,7 @@ class ModelSpec:
                 cols["label"],
                 tuple(cols.get("features") or ()),
                 cols.get("file") or "",
+                cols["decode"],
             ),
             test_fraction=float(ds["testFraction"]),
             source_uri=uri,

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from lethe.cli import UsageError, read_subjects_file
-from lethe.core.config import ConfigError, ModelConfig, TrainerConfig
+from lethe.core.config import Columns, ConfigError, ModelConfig, TrainerConfig
 from lethe.core.hashing import keyed_hash, shard_of, slice_of, stable_id
 from lethe.core.lineage import lineage_hash, shard_lineages
 from lethe.core.manifest import FileRef, Generation, Monolithic, ShardState, SliceState
@@ -66,6 +66,15 @@ def test_config_validation_names_the_field() -> None:
         ModelConfig("m", 1, 1, TrainerConfig(model="cnn")).validate()
     with pytest.raises(ConfigError, match="name"):
         ModelConfig("bad name/x", 1, 1).validate()
+    for decode in ("png", "module", "a.b:c d", ":fn"):
+        with pytest.raises(ConfigError, match="columns.decode"):
+            ModelConfig("m", 1, 1, columns=Columns(file="img", decode=decode)).validate()
+    ModelConfig("m", 1, 1, columns=Columns(file="img", decode="my.pkg:decode")).validate()
+    # the built-in decoder leaves the fingerprint as it always was; another one is in it
+    plain = ModelConfig("m", 1, 1, columns=Columns(file="img"))
+    assert plain.trainer_fingerprint() == ModelConfig("m", 1, 1).trainer_fingerprint()
+    custom = ModelConfig("m", 1, 1, columns=Columns(file="img", decode="my.pkg:decode"))
+    assert custom.trainer_fingerprint() != plain.trainer_fingerprint()
     cfg = ModelConfig("m", 4, 8, TrainerConfig(epochs=9))
     assert ModelConfig.from_json(cfg.to_json()) == cfg
     assert cfg.trainer.epochs_per_slice(8) == pytest.approx(2.0)

@@ -164,6 +164,7 @@ def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
             args.label_column,
             tuple(args.feature_columns.split(",")) if args.feature_columns else (),
             file=args.file_column,
+            decode=args.decode,
         ),
         test_fraction=args.test_fraction,
         source_uri=args.data if args.data.startswith("s3://") else str(Path(args.data).resolve()),
@@ -734,6 +735,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=["parquet", "csv", "jsonl"], help="default: by suffix")
     s.add_argument(
         "--file-column", default="", help="a column of s3:// image URIs (file-backed records)"
+    )
+    s.add_argument(
+        "--decode",
+        default="image",
+        help="how a file becomes features: image (built in) or package.module:fn",
     )
     s.add_argument("--shards", type=int, default=8)
     s.add_argument("--slices", type=int, default=4)

@@ -63,19 +63,37 @@ ROW_GROUP_ROWS = 65_536  # rows per row group of every data, index and test file
 
 def encode(table: pa.Table) -> bytes:
     """The bytes of a data, index or test file: rows in record-id order, row groups of
-    ROW_GROUP_ROWS. The same rows always give the same bytes, however they were
-    ordered or chunked: a patched file and a fresh ingest of its rows hash alike."""
+    ROW_GROUP_ROWS, the schema in its canonical form. The same rows always give the
+    same bytes, however they were ordered, chunked or read: a patched file and a fresh
+    ingest of its rows hash alike."""
     buf = io.BytesIO()
     write_rows(buf, table.schema, sorted_chunks(table))
     return buf.getvalue()
 
 
+def canonical_schema(schema: pa.Schema) -> pa.Schema:
+    """``schema`` as a file stores it whichever way its rows were built: a fixed-size
+    list's child named "item" (Arrow's name, which files have always had; a Parquet
+    file read back names it "element", and the name is written into the file, so a
+    patch wrote other bytes than a fresh ingest of the same rows) and no metadata."""
+
+    def canonical(t: pa.DataType) -> pa.DataType:
+        if pa.types.is_fixed_size_list(t):
+            child = pa.field("item", t.value_type, t.value_field.nullable)
+            return pa.list_(child, t.list_size)
+        return t
+
+    return pa.schema([f.with_type(canonical(f.type)).remove_metadata() for f in schema])
+
+
 def write_rows(sink: Any, schema: pa.Schema, chunks: Iterable[pa.Table]) -> None:
     """Write ``chunks`` (``sorted_chunks``' output, maybe transformed row for row) as
-    one Parquet file, a row group each: ``encode``'s bytes, streamed."""
+    one Parquet file, a row group each, in the canonical schema: ``encode``'s bytes,
+    streamed."""
+    schema = canonical_schema(schema)
     with pq.ParquetWriter(sink, schema, compression="zstd", write_statistics=False) as w:
         for chunk in chunks:
-            w.write_table(chunk)
+            w.write_table(chunk.cast(schema))
 
 
 def sorted_chunks(table: pa.Table, rows: int | None = None) -> Iterator[pa.Table]:

@@ -2,8 +2,9 @@
 an ``s3://bucket/key`` URI in the dataset's file column (``columns.file``).
 
 The object stays where it is and is read through a decode function when its record is
-used (images built in, ``decode_image``: grayscale, or RGB for a 3-channel
-``trainer.input_shape``, resized to its height and width, scaled to [0, 1]). At ingest
+used (``columns.decode``: images built in, ``decode_image``: grayscale, or RGB for a
+3-channel ``trainer.input_shape``, resized to its height and width, scaled to [0, 1];
+or a user's ``package.module:fn``). At ingest
 each object is fetched once, checked (it decodes, to the same size as the others) and
 hashed; a data file holds the record's URI and that sha256 (``FILE_COLUMNS``), not its
 pixels. Training and evaluation fetch and decode the objects of the rows they read
@@ -17,15 +18,17 @@ checks against every object version of the buckets it names.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from lethe import dataio
-from lethe.core.config import ModelConfig
+from lethe.core.config import ConfigError, ModelConfig
 from lethe.errors import IntegrityFailure, UserError
 from lethe.store import NotFound, Store
 
@@ -66,6 +69,21 @@ def decode_image(body: bytes, shape: tuple[int, ...]) -> np.ndarray:
     return pixels.reshape(-1)
 
 
+def decoder(cfg: ModelConfig) -> Callable[[bytes, tuple[int, ...]], Any]:
+    """The model's decode function (``columns.decode``): the built-in ``image``, or a
+    user's ``package.module:fn`` taking (the file's bytes, ``trainer.input_shape``)
+    and returning its features (any float array; flattened)."""
+    name = cfg.columns.decode
+    if name == "image":
+        return decode_image
+    module, _, attr = name.partition(":")
+    try:
+        fn: Callable[[bytes, tuple[int, ...]], Any] = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"columns.decode: cannot import {name!r} ({type(e).__name__})") from None
+    return fn
+
+
 class FileDecoder:
     """Fetches and decodes the files of a batch of records (in threads: S3 latency,
     not CPU, is what a small image costs)."""
@@ -73,6 +91,8 @@ class FileDecoder:
     def __init__(self, store: Store, cfg: ModelConfig) -> None:
         self.store = store
         self.shape = tuple(cfg.trainer.input_shape)
+        self.decode = decoder(cfg)
+        self.decoder_name = cfg.columns.decode
         self._buckets: dict[str, Store] = {}
         # An ingest job reads with the cluster's keys, not the tenant's: a record may
         # only name a file in its dataset's own bucket, never another tenant's.
@@ -92,13 +112,17 @@ class FileDecoder:
     def _one(self, uri: str) -> tuple[np.ndarray, str]:
         try:
             body = self._fetch(uri)
-            return decode_image(body, self.shape), hashlib.sha256(body).hexdigest()
         except NotFound:
             raise FileUnreadable("file column: a record's file does not exist") from None
-        except (OSError, ValueError) as e:
-            if isinstance(e, FileUnreadable):
-                raise
-            raise FileUnreadable(f"file column: a record's file is not an image ({e})") from None
+        try:
+            pixels = np.asarray(self.decode(body, self.shape), np.float32).reshape(-1)
+        except Exception as e:  # noqa: BLE001 - a user's decode function raises anything
+            # the exception's type only: its message may quote the file
+            raise FileUnreadable(
+                f"file column: a record's file could not be decoded by "
+                f"{self.decoder_name!r} ({type(e).__name__})"
+            ) from None
+        return pixels, hashlib.sha256(body).hexdigest()
 
     def decode_all(self, uris: list[str]) -> tuple[np.ndarray, list[str]]:
         """The files' pixels, one row each, and the sha256 of each file's bytes."""

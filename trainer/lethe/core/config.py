@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lethe.errors import UserError
 
 BUILTIN_MODELS = ("mlp", "cnn")
+BUILTIN_DECODERS = ("image",)  # file-backed records' decode functions (lethe.files)
+IMPORT_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$")
 SOURCE_POLICIES = ("patch", "delete-after-ingest", "external")
 
 
@@ -78,6 +81,9 @@ class Columns:
     # File-backed records: a column of s3:// URIs (images) whose objects belong to the
     # record. Their decoded pixels are the features; an erasure deletes the objects.
     file: str = ""
+    # How a file becomes features: "image" (built in) or an import path
+    # "package.module:fn", fn(body: bytes, input_shape: tuple) -> a float array
+    decode: str = "image"
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,13 @@ class ModelConfig:
                 f"source_policy: {self.source_policy!r} needs an s3:// source (Lethe can only "
                 "patch or delete objects it can reach); use 'external'"
             )
+        if self.columns.decode not in BUILTIN_DECODERS and not IMPORT_PATH.match(
+            self.columns.decode
+        ):
+            raise ConfigError(
+                f"columns.decode: {self.columns.decode!r} is neither a built-in decoder "
+                f"({', '.join(BUILTIN_DECODERS)}) nor an import path 'package.module:fn'"
+            )
         self.trainer.validate()
 
     def trainer_fingerprint(self) -> str:
@@ -127,6 +140,8 @@ class ModelConfig:
             "num_features": self.num_features,
             "classes": list(self.classes),
         }
+        if self.columns.file and self.columns.decode not in BUILTIN_DECODERS:
+            payload["decode"] = self.columns.decode  # (the built-in one: as it always was)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def to_json(self) -> dict[str, Any]:
