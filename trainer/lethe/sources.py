@@ -132,8 +132,8 @@ def pin_objects(store: Store, src: Source, *, writable: bool = False) -> list[So
         obj = SourceObject(key, *bucket.head(key))
         if writable and not bucket.may_write(key):
             raise SourceError(
-                f"dataset.sourcePolicy: erasing from the source writes it, and the model's "
-                f"S3 credentials may not write s3://{src.bucket}/ objects under {src.uri}"
+                "dataset.sourcePolicy: erasing from the source writes it, and the model's "
+                f"S3 credentials may not write {src.uri}"
             )
         return obj
 
