@@ -43,6 +43,7 @@ from lethe_operator.context import (
     ModelContext,
 )
 from lethe_operator.raylaunch import RayJobs
+from lethe_operator.spec import ModelSpec
 
 from .conftest import ingest_small, small_table, trained_small, unique_model
 from .harness import (
@@ -57,6 +58,7 @@ from .harness import (
     s3_secret,
     wait_for,
 )
+from .unit.test_spec import MINIMAL, spec_schema, with_defaults
 
 # the local API server's self-signed certificate (insecure-skip-tls-verify)
 pytestmark = pytest.mark.filterwarnings("ignore:Unverified HTTPS request")
@@ -309,7 +311,8 @@ def test_holds_of_requests_that_are_gone_are_released_and_no_others(
     layout, _cfg, _table = ingest_small(store)
     hold_shards(store, layout, holder(uid), [0])
     hold_shards(store, layout, holder("a-request-deleted-long-ago"), [0, 1])
-    ctx = ModelContext(ns, "m", "uid-m", {}, store, layout)
+    spec = ModelSpec.parse(with_defaults(MINIMAL, spec_schema()))
+    ctx = ModelContext(ns, "m", "uid-m", spec, store, layout)
     live = read_live(store, layout).generation
     assert release_orphaned_holds(ctx, live, requests=[])  # first listing: empty
     after = read_live(store, layout).generation

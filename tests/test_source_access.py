@@ -60,6 +60,15 @@ def buckets(store: Store) -> dict[str, Store]:
     return out
 
 
+@pytest.fixture(autouse=True)
+def no_ray_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``jobs.ingest`` reads with Ray Data when it can reach a cluster, by connecting
+    this process to it: in a job's driver that is what it should do, here it would make
+    the test process a Ray driver without the stack's S3 settings for later tests. The
+    pinning is the same either way (``test_file_records.py`` ingests through Ray Data)."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
 @pytest.fixture(scope="module")
 def tenant(store: Store, buckets: dict[str, Store]) -> Store:
     """The tenant's keys (what a model's credentialsSecret holds), on its own bucket."""
