@@ -147,3 +147,13 @@ def test_a_decode_function_by_import_path(store: Store, trainer: RayTrainer, dat
     with pytest.raises(Exception, match=r"columns\.decode: cannot import") as e:
         ingest_source(store, ModelLayout.of(name), cfg)
     assert isinstance(e.value, IngestError | ConfigError)
+
+    # a decode function that imports but raises on every file (schema-valid, absurd:
+    # split_uri takes one argument): refused naming the decoder and the error's type,
+    # never the file; nothing written
+    name = unique_model("decode-raises")
+    cfg = replace(cfg, name=name, columns=replace(cfg.columns, decode="lethe.files:split_uri"))
+    with pytest.raises(IngestError, match=r"could not be decoded by 'lethe.files:split_uri'") as e:
+        ingest_source(store, ModelLayout.of(name), cfg)
+    assert "s3://" not in str(e.value) and "img/" not in str(e.value)
+    assert not store.exists(ModelLayout.of(name).current)

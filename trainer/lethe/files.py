@@ -145,18 +145,20 @@ def feature_columns(cfg: ModelConfig) -> list[str]:
 
 
 def features_and_labels(
-    store: Store, cfg: ModelConfig, table: pa.Table
+    store: Store, cfg: ModelConfig, table: pa.Table, files: FileDecoder | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Rows of a data or test file (``feature_columns``) as (features, labels): the
-    features column, or, for file-backed records, each row's file fetched and decoded,
-    refused (FileChanged) unless its bytes are those hashed at ingest."""
+    features column, or, for file-backed records, each row's file fetched and decoded
+    (by ``files``, which a caller reading many row groups keeps: it holds a client per
+    bucket), refused (FileChanged) unless its bytes are those hashed at ingest."""
     if not cfg.columns.file:
         return dataio.features_and_labels(table)
     labels = table.column("label").to_numpy().astype(np.int64)
     if not table.num_rows:
         return np.zeros((0, cfg.num_features), np.float32), labels
     try:
-        pixels, shas = FileDecoder(store, cfg).decode_all(table.column("uri").to_pylist())
+        files = files or FileDecoder(store, cfg)
+        pixels, shas = files.decode_all(table.column("uri").to_pylist())
     except FileUnreadable as e:
         raise FileChanged(f"{e} (it was read at ingest)") from None
     ingested = table.column("file_sha256").to_pylist()

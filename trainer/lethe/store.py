@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,17 @@ def error_code(e: botocore.exceptions.ClientError) -> str:
     return str(e.response.get("Error", {}).get("Code", ""))
 
 
+@contextmanager
+def missing_as_not_found(what: str) -> Iterator[None]:
+    """S3's answers for an object (or version) that is not there, as ``NotFound(what)``."""
+    try:
+        yield
+    except botocore.exceptions.ClientError as e:
+        if error_code(e) in MISSING:
+            raise NotFound(what) from None
+        raise
+
+
 class Store:
     def __init__(self, settings: S3Settings) -> None:
         self.settings = settings
@@ -114,22 +126,14 @@ class Store:
         return self.get_with_etag(key)[0]
 
     def get_with_etag(self, key: str) -> tuple[bytes, str]:
-        try:
+        with missing_as_not_found(key):
             r = self.client.get_object(Bucket=self.bucket, Key=key)
-        except botocore.exceptions.ClientError as e:
-            if error_code(e) in MISSING:
-                raise NotFound(key) from None
-            raise
         return r["Body"].read(), r["ETag"]
 
     def download(self, key: str, sink: Any) -> None:
         """The object's bytes written to the binary file ``sink``, streamed."""
-        try:
+        with missing_as_not_found(key):
             self.client.download_fileobj(self.bucket, key, sink)
-        except botocore.exceptions.ClientError as e:
-            if error_code(e) in MISSING:
-                raise NotFound(key) from None
-            raise
 
     def get_json(self, key: str) -> Any:
         return json.loads(self.get(key))
@@ -139,37 +143,25 @@ class Store:
 
     def head(self, key: str) -> tuple[str, int]:
         """(ETag, size) of the current version."""
-        try:
+        with missing_as_not_found(key):
             r = self.client.head_object(Bucket=self.bucket, Key=key)
-        except botocore.exceptions.ClientError as e:
-            if error_code(e) in MISSING:
-                raise NotFound(key) from None
-            raise
         return str(r["ETag"]), int(r["ContentLength"])
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
         """``length`` bytes of an object from ``start`` (fewer at its end)."""
         if length <= 0:
             return b""
-        try:
+        with missing_as_not_found(key):
             r = self.client.get_object(
                 Bucket=self.bucket, Key=key, Range=f"bytes={start}-{start + length - 1}"
             )
-        except botocore.exceptions.ClientError as e:
-            if error_code(e) in MISSING:
-                raise NotFound(key) from None
-            raise
         return r["Body"].read()
 
     def get_version(self, key: str, version_id: str) -> bytes:
         """One version's bytes; NotFound if it is gone (a concurrent purge deleted it
         between a listing and this read)."""
-        try:
+        with missing_as_not_found(f"{key} (version {version_id})"):
             r = self.client.get_object(Bucket=self.bucket, Key=key, VersionId=version_id)
-        except botocore.exceptions.ClientError as e:
-            if error_code(e) in MISSING:
-                raise NotFound(f"{key} (version {version_id})") from None
-            raise
         return r["Body"].read()
 
     def exists(self, key: str) -> bool:

@@ -75,20 +75,23 @@ class SliceSpool:
         self.rows = 0
         self._x = open(os.path.join(directory, "x.f32"), "wb")  # closed by close()
         self._y = open(os.path.join(directory, "y.i64"), "wb")
+        self._files: Any = None  # a file-backed model's FileDecoder, made on first use
 
     def add(self, store: Store, key: str) -> None:
         import pyarrow.parquet as pq
 
-        from lethe.files import feature_columns, features_and_labels
+        from lethe.files import FileDecoder, feature_columns, features_and_labels
 
         columns = feature_columns(self.cfg)
+        if self.cfg.columns.file and self._files is None:  # one for every slice's groups
+            self._files = FileDecoder(store, self.cfg)
         with tempfile.TemporaryFile(dir=self.directory) as f:
             store.download(key, f)
             f.seek(0)
             pf = pq.ParquetFile(f)
             for group in range(pf.num_row_groups):
                 rows = pf.read_row_group(group, columns)
-                x, y = features_and_labels(store, self.cfg, rows)
+                x, y = features_and_labels(store, self.cfg, rows, self._files)
                 if len(y):
                     self._x.write(np.ascontiguousarray(x.reshape(-1, self.features)).tobytes())
                     self._y.write(y.tobytes())
